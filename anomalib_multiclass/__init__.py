@@ -1,0 +1,7 @@
+"""Shared pieces of the multi-class anomalib plugins: unified datamodule, per-category evaluation, backbones."""
+
+from anomalib_multiclass.batch import CategoryImageBatch, CategoryImageItem
+from anomalib_multiclass.datamodule import MultiClassAD, MultiClassDataset
+from anomalib_multiclass.evaluator import PerCategoryEvaluator
+
+__all__ = ["CategoryImageBatch", "CategoryImageItem", "MultiClassAD", "MultiClassDataset", "PerCategoryEvaluator"]

@@ -1,0 +1,270 @@
+"""Multi-class (unified) data: one datamodule for several categories, every sample tagged.
+
+anomalib's datamodules take one ``category``. :class:`MultiClassAD` takes a list of categories
+(or ``"all"``) of a dataset in MVTec layout, concatenates their samples into one
+:class:`MultiClassDataset`, and tags every item with its category name
+(:class:`~anomalib_multiclass.batch.CategoryImageItem`). Downloads, where the dataset has
+one, go through anomalib's own per-category datamodule (``MVTecAD``, ``Visa``, ``BTech``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from anomalib import TaskType
+from anomalib.data import AnomalibDataModule
+from anomalib.data.datasets.base.image import AnomalibDataset
+from anomalib.data.datasets.image.mvtecad import make_mvtec_ad_dataset
+from anomalib.data.utils import LabelName, Split, TestSplitMode, ValSplitMode
+from PIL import Image, UnidentifiedImageError
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms.v2 import Transform
+from torchvision.tv_tensors import Mask
+
+from anomalib_multiclass.batch import CategoryImageBatch, CategoryImageItem
+
+logger = logging.getLogger(__name__)
+
+# dataset name -> (anomalib datamodule, anomalib dataset): the datamodule downloads and prepares one
+# category, the dataset class lists its samples.
+ANOMALIB_SOURCES: dict[str, tuple[str, str]] = {
+    "mvtec_ad": ("anomalib.data.datamodules.image.mvtecad.MVTecAD", "anomalib.data.datasets.image.mvtecad.MVTecADDataset"),
+    "visa": ("anomalib.data.datamodules.image.visa.Visa", "anomalib.data.datasets.image.visa.VisaDataset"),
+    "btech": ("anomalib.data.datamodules.image.btech.BTech", "anomalib.data.datasets.image.btech.BTechDataset"),
+}
+DATASETS = ("folder", *ANOMALIB_SOURCES)
+FOLDER_EXTENSIONS = tuple(sorted({*IMG_EXTENSIONS, *(ext.upper() for ext in IMG_EXTENSIONS)}))
+
+
+def _import(dotted: str) -> type:
+    module_name, _, attribute = dotted.rpartition(".")
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+def read_rgb_image(path: str) -> torch.Tensor:
+    """Read an image file as a float RGB tensor ``[3, H, W]`` in ``[0, 1]``.
+
+    Grayscale and palette images are expanded to RGB, the alpha channel of RGBA images is dropped,
+    and 16-bit images are scaled by their full range (PIL's plain RGB conversion would clip them).
+
+    Raises:
+        ValueError: naming the file when it is empty, truncated or not an image.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode in {"I;16", "I;16B", "I;16L", "I"}:
+                array = np.asarray(image, dtype=np.float32)
+                scale = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+                gray = torch.from_numpy(array / scale).clamp(0, 1)
+                return gray.unsqueeze(0).expand(3, -1, -1).contiguous()
+            rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        msg = (
+            f"Cannot read image '{path}': {error}. The file is empty, truncated or not an image; "
+            "replace it with a valid image or remove it from the dataset folder."
+        )
+        raise ValueError(msg) from error
+    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+
+
+def read_binary_mask(path: str) -> torch.Tensor:
+    """Read a ground-truth mask as a uint8 ``[H, W]`` tensor of 0/1 (any non-zero pixel is anomalous)."""
+    try:
+        with Image.open(path) as mask:
+            array = np.asarray(mask.convert("L"))
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        msg = f"Cannot read mask '{path}': {error}. Replace it with a valid single-channel PNG mask."
+        raise ValueError(msg) from error
+    return torch.from_numpy((array > 0).astype(np.uint8))
+
+
+class MultiClassDataset(AnomalibDataset):
+    """Samples of several categories; ``samples`` has a ``category`` column and items carry it.
+
+    Args:
+        samples: anomalib samples table (``image_path``, ``mask_path``, ``split``, ``label_index``)
+            with an extra ``category`` column.
+        augmentations: transforms applied to image and mask, as in anomalib's datasets.
+    """
+
+    def __init__(self, samples: pd.DataFrame, augmentations: Transform | None = None) -> None:
+        super().__init__(augmentations=augmentations)
+        self.samples = samples
+        self.category = "+".join(self.categories)
+
+    @property
+    def task(self) -> TaskType:
+        """Segmentation when any sample has a mask, else classification (kept valid across concatenation)."""
+        has_masks = self.samples["mask_path"].fillna("").astype(bool).any()
+        return TaskType.SEGMENTATION if has_masks else TaskType.CLASSIFICATION
+
+    @property
+    def categories(self) -> list[str]:
+        """Sorted category names present in this dataset."""
+        return sorted(self.samples["category"].unique())
+
+    def __getitem__(self, index: int) -> CategoryImageItem:
+        """Read one sample: image ``[3, H, W]`` in ``[0, 1]``, mask ``[H, W]``, label and category."""
+        row = self.samples.iloc[index]
+        image = read_rgb_image(row.image_path)
+        gt_mask = None
+        if self.task == TaskType.SEGMENTATION and row.label_index == LabelName.NORMAL:
+            gt_mask = Mask(torch.zeros(image.shape[-2:], dtype=torch.uint8))
+        elif self.task == TaskType.SEGMENTATION:
+            gt_mask = Mask(read_binary_mask(row.mask_path))
+            if gt_mask.shape != image.shape[-2:]:
+                msg = (
+                    f"Mask '{row.mask_path}' is {tuple(gt_mask.shape)} (H, W) but its image '{row.image_path}' "
+                    f"is {tuple(image.shape[-2:])}. Save the mask at the image's size."
+                )
+                raise ValueError(msg)
+        if self.augmentations:
+            if gt_mask is None:
+                image = self.augmentations(image)
+            else:
+                image, gt_mask = self.augmentations(image, gt_mask)
+        return CategoryImageItem(
+            image=image,
+            gt_mask=gt_mask,
+            gt_label=torch.tensor(row.label_index),
+            image_path=row.image_path,
+            mask_path=row.mask_path,
+            category=row.category,
+        )
+
+    @property
+    def collate_fn(self):  # noqa: ANN201
+        """Collate items into a :class:`CategoryImageBatch`."""
+        return CategoryImageBatch.collate
+
+
+class MultiClassAD(AnomalibDataModule):
+    """Unified datamodule: several categories of an MVTec-layout dataset in one train and test set.
+
+    Every category is read from ``root/<category>/{train/good, test/<defect>,
+    ground_truth/<defect>/<name>_mask.png}`` (MVTec AD, BTAD, VisA after anomalib's split, or any
+    folder in that layout) and every item is tagged with its category.
+
+    Args:
+        root: dataset root that holds one folder per category.
+        categories: category names, or ``"all"`` (every known category of ``dataset``; for
+            ``"folder"``, every sub-folder of ``root`` with a ``train`` folder).
+        dataset: ``"folder"`` (plain MVTec layout, any image extension, never downloads),
+            ``"mvtec_ad"``, ``"visa"`` or ``"btech"`` (downloaded and prepared by anomalib's own
+            datamodule when missing).
+        train_batch_size, eval_batch_size, num_workers, *_augmentations, test_split_mode,
+        test_split_ratio, val_split_mode, val_split_ratio, seed: as in anomalib's datamodules.
+
+    Example:
+        >>> datamodule = MultiClassAD(root="datasets/MVTecAD", categories=["bottle", "cable"], dataset="mvtec_ad")
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        categories: Sequence[str] | str = "all",
+        dataset: str = "folder",
+        train_batch_size: int = 8,
+        eval_batch_size: int = 8,
+        num_workers: int = 4,
+        train_augmentations: Transform | None = None,
+        val_augmentations: Transform | None = None,
+        test_augmentations: Transform | None = None,
+        augmentations: Transform | None = None,
+        test_split_mode: TestSplitMode | str = TestSplitMode.FROM_DIR,
+        test_split_ratio: float = 0.2,
+        val_split_mode: ValSplitMode | str = ValSplitMode.SAME_AS_TEST,
+        val_split_ratio: float = 0.5,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(
+            train_batch_size=train_batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            train_augmentations=train_augmentations,
+            val_augmentations=val_augmentations,
+            test_augmentations=test_augmentations,
+            augmentations=augmentations,
+            test_split_mode=test_split_mode,
+            test_split_ratio=test_split_ratio,
+            val_split_mode=val_split_mode,
+            val_split_ratio=val_split_ratio,
+            seed=seed,
+        )
+        if dataset not in DATASETS:
+            msg = f"Unknown dataset '{dataset}'. Choose one of {list(DATASETS)}."
+            raise ValueError(msg)
+        self.root = Path(root)
+        self.dataset = dataset
+        self.categories = self._resolve_categories(categories)
+        self.category = "all" if categories == "all" else "+".join(self.categories)
+
+    def _resolve_categories(self, categories: Sequence[str] | str) -> list[str]:
+        if isinstance(categories, str) and categories != "all":
+            categories = [categories]
+        if categories != "all":
+            if not categories:
+                msg = "`categories` is empty: give a list of category names or 'all'."
+                raise ValueError(msg)
+            return list(dict.fromkeys(categories))
+        if self.dataset in ANOMALIB_SOURCES:
+            datamodule_path = ANOMALIB_SOURCES[self.dataset][0]
+            return list(importlib.import_module(datamodule_path.rpartition(".")[0]).CATEGORIES)
+        if not self.root.is_dir():
+            msg = f"Dataset root '{self.root}' does not exist. Give the folder that holds one sub-folder per category."
+            raise FileNotFoundError(msg)
+        found = sorted(path.name for path in self.root.iterdir() if (path / "train").is_dir())
+        if not found:
+            msg = f"No category folder with a 'train' sub-folder under '{self.root}'. Expected ROOT/<category>/train/good/."
+            raise FileNotFoundError(msg)
+        return found
+
+    def prepare_data(self) -> None:
+        """Download and prepare every category with anomalib's own datamodule (not for ``"folder"``)."""
+        if self.dataset not in ANOMALIB_SOURCES:
+            return
+        datamodule_class = _import(ANOMALIB_SOURCES[self.dataset][0])
+        for category in self.categories:
+            datamodule_class(root=self.root, category=category).prepare_data()
+
+    def _category_samples(self, category: str) -> pd.DataFrame:
+        """List one category's samples (all splits) with a ``category`` column."""
+        if self.dataset == "folder":
+            category_root = self.root / category
+            if not category_root.is_dir():
+                available = sorted(path.name for path in self.root.iterdir() if path.is_dir()) if self.root.is_dir() else []
+                msg = f"Category '{category}' not found: there is no folder '{category_root}'. Available: {available}."
+                raise FileNotFoundError(msg)
+            make_samples = lambda: make_mvtec_ad_dataset(category_root, extensions=FOLDER_EXTENSIONS)  # noqa: E731
+        else:
+            datamodule = _import(ANOMALIB_SOURCES[self.dataset][0])(root=self.root, category=category)
+            dataset_class = _import(ANOMALIB_SOURCES[self.dataset][1])
+            dataset_root = getattr(datamodule, "split_root", datamodule.root)
+            make_samples = lambda: dataset_class(root=dataset_root, category=category).samples  # noqa: E731
+        try:
+            samples = make_samples()
+        except (RuntimeError, ValueError) as error:
+            msg = (
+                f"Category '{category}' under '{self.root}' could not be listed: {error}. Check that every "
+                f"defect image in test/<defect>/ has exactly one mask ground_truth/<defect>/<name>_mask.png."
+            )
+            raise ValueError(msg) from error
+        if not (samples["split"] == Split.TRAIN.value).any():
+            msg = (
+                f"Category '{category}' has no training images under '{self.root / category / 'train'}'. "
+                "Add normal images to train/good/ or remove the category from `categories`."
+            )
+            raise ValueError(msg)
+        return samples.assign(category=category)
+
+    def _setup(self, _stage: str | None = None) -> None:
+        samples = pd.concat([self._category_samples(category) for category in self.categories], ignore_index=True)
+        self.train_data = MultiClassDataset(samples[samples["split"] == Split.TRAIN.value].reset_index(drop=True))
+        self.test_data = MultiClassDataset(samples[samples["split"] == Split.TEST.value].reset_index(drop=True))

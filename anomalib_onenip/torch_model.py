@@ -1,0 +1,213 @@
+"""OneNIP torch model: frozen multi-scale CNN features, prompt-guided reconstruction, refiner.
+
+Shapes: images ``[B, 3, H, W]``; features ``[B, C, h, w]`` with ``h = H / 16`` (the deepest tap's
+stride) and ``C`` the sum of the tapped channels (272 for EfficientNet-B4, 192 for Lite0); tokens
+``[B, N, C]`` with ``N = h * w``; encoded tokens ``[B, N, D]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from anomalib.data import InferenceBatch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+from anomalib_multiclass.backbone import build_feature_extractor
+from anomalib_onenip.components import PromptBank, PromptGuidedTransformer, Refiner
+
+
+class TrainingOutput(NamedTuple):
+    """What the loss needs from one training step over ``B`` normal and ``B`` synthetic images.
+
+    Attributes:
+        reconstruction: reconstructed features ``[2B, C, h, w]`` (normal stream, then synthetic).
+        target: clean features of the normal images, twice ``[2B, C, h, w]``.
+        refiner_logits: refiner logits ``[2B, 1, H, W]``.
+    """
+
+    reconstruction: torch.Tensor
+    target: torch.Tensor
+    refiner_logits: torch.Tensor
+
+
+class OneNIPModel(nn.Module):
+    """OneNIP: one normal image prompt guides the reconstruction of a query's normal features.
+
+    Args:
+        backbone: timm CNN name (paper: ``tf_efficientnet_b4``).
+        layers: feature levels to tap (paper: 0, 1, 2, 3, strides 2 to 16).
+        input_size: image size ``(H, W)``; both must be multiples of the deepest tap's stride.
+        hidden_dim, num_heads, num_encoder_layers, num_decoder_layers, dim_feedforward, dropout:
+            transformer sizes (paper: 256, 8, 4, 4, 1024, 0.1).
+        use_neighbor_mask: UniAD's neighbour masking in the encoder and decoder.
+        feature_jitter_scale, feature_jitter_prob: training feature jitter (paper: 20, 1.0).
+        refiner_channels: refiner width (paper: 128).
+        reconstruction_weight: ``lambda`` in ``A = lambda * R + (1 - lambda) * kappa * S`` (paper: 0.5).
+        score_pool_size: average-pooling window of the image score (paper: 16).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "tf_efficientnet_b4",
+        layers: Sequence[int | str] = (0, 1, 2, 3),
+        input_size: tuple[int, int] = (256, 256),
+        hidden_dim: int = 256,
+        num_heads: int = 8,
+        num_encoder_layers: int = 4,
+        num_decoder_layers: int = 4,
+        dim_feedforward: int = 1024,
+        dropout: float = 0.1,
+        use_neighbor_mask: bool = True,
+        feature_jitter_scale: float = 20.0,
+        feature_jitter_prob: float = 1.0,
+        refiner_channels: int = 128,
+        reconstruction_weight: float = 0.5,
+        score_pool_size: int = 16,
+    ) -> None:
+        super().__init__()
+        self.feature_extractor = build_feature_extractor(backbone, layers)
+        stride = max(self.feature_extractor.feature_extractor.feature_info.reduction())
+        height, width = input_size
+        if height % stride or width % stride or height < stride or width < stride:
+            msg = (
+                f"input_size {tuple(input_size)} does not fit backbone '{backbone}': height and width must be positive "
+                f"multiples of its feature stride {stride} (e.g. 224, 256 or 320)."
+            )
+            raise ValueError(msg)
+        self.input_size = (height, width)
+        self.feature_size = (height // stride, width // stride)
+        channels = sum(self.feature_extractor.out_dims)
+        self.transformer = PromptGuidedTransformer(
+            in_channels=channels,
+            feature_size=self.feature_size,
+            hidden_dim=hidden_dim,
+            num_heads=num_heads,
+            num_encoder_layers=num_encoder_layers,
+            num_decoder_layers=num_decoder_layers,
+            dim_feedforward=dim_feedforward,
+            dropout=dropout,
+            use_neighbor_mask=use_neighbor_mask,
+        )
+        self.refiner = Refiner(channels, refiner_channels)
+        self.prompt_bank = PromptBank(self.feature_size[0] * self.feature_size[1], hidden_dim, channels)
+        self.register_buffer("refiner_scale", torch.tensor(1.0))
+        self.feature_jitter_scale = feature_jitter_scale
+        self.feature_jitter_prob = feature_jitter_prob
+        self.reconstruction_weight = reconstruction_weight
+        self.score_pool_size = score_pool_size
+
+    def extract_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Frozen backbone taps resized (bilinear, ``align_corners=True``) to ``(h, w)`` and concatenated: ``[B, C, h, w]``."""
+        if tuple(images.shape[-2:]) != self.input_size:
+            msg = f"Image size {tuple(images.shape[-2:])} differs from the model's input_size {self.input_size}; resize first."
+            raise ValueError(msg)
+        features = self.feature_extractor(images)
+        resized = [
+            F.interpolate(feature, size=self.feature_size, mode="bilinear", align_corners=True)
+            for feature in features.values()
+        ]
+        return torch.cat(resized, dim=1)
+
+    @staticmethod
+    def global_features(features: torch.Tensor) -> torch.Tensor:
+        """Spatial mean of the features ``[B, C, h, w]`` -> ``[B, C]`` (used to choose prompts)."""
+        return features.mean(dim=(2, 3))
+
+    @staticmethod
+    def to_tokens(features: torch.Tensor) -> torch.Tensor:
+        """``[B, C, h, w]`` -> row-major tokens ``[B, N, C]``."""
+        return features.flatten(2).transpose(1, 2)
+
+    def to_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens ``[B, N, C]`` -> ``[B, C, h, w]``."""
+        return tokens.transpose(1, 2).unflatten(2, self.feature_size)
+
+    def jitter(self, tokens: torch.Tensor) -> torch.Tensor:
+        """UniAD feature jitter: with probability ``feature_jitter_prob``, ``f + eps * scale * |f| / C``, eps ~ N(0, I)."""
+        if self.feature_jitter_scale <= 0 or torch.rand(()) >= self.feature_jitter_prob:
+            return tokens
+        norms = tokens.norm(dim=-1, keepdim=True)
+        return tokens + torch.randn_like(tokens) * (self.feature_jitter_scale * norms / tokens.shape[-1])
+
+    def encode_prompts(self, features: torch.Tensor) -> torch.Tensor:
+        """Encode prompt features ``[K, C, h, w]`` for the prompt bank: ``[K, N, D]``."""
+        return self.transformer.encode(self.to_tokens(features))
+
+    def reconstruct(self, features: torch.Tensor, encoded_prompt: torch.Tensor) -> torch.Tensor:
+        """Reconstruct the normal version of query features ``[B, C, h, w]`` from an encoded prompt ``[B, N, D]``."""
+        encoded_query = self.transformer.encode(self.to_tokens(features))
+        return self.to_features(self.transformer.decode(encoded_prompt, encoded_query))
+
+    def residual_maps(self, reconstruction: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstruction map ``R`` and refiner map ``S``, both ``[B, 1, H, W]``.
+
+        ``R`` is the channel-wise L2 norm of ``F_hat - F`` upsampled bilinearly; ``S`` is the
+        refiner's sigmoid output for ``|F_hat - F|``.
+        """
+        residual = reconstruction - features
+        distance = residual.norm(dim=1, keepdim=True)
+        reconstruction_map = F.interpolate(distance, size=self.input_size, mode="bilinear", align_corners=True)
+        refiner_map = torch.sigmoid(self.refiner(residual.abs(), self.input_size))
+        return reconstruction_map, refiner_map
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        anomalous_images: torch.Tensor | None = None,
+        prompt_features: torch.Tensor | None = None,
+        category_index: torch.Tensor | None = None,
+    ) -> TrainingOutput | InferenceBatch:
+        """Training: :class:`TrainingOutput`; inference: :class:`InferenceBatch`.
+
+        Args:
+            images: normalised images ``[B, 3, H, W]``.
+            anomalous_images: (training) synthetic-anomaly twins of ``images`` ``[B, 3, H, W]``.
+            prompt_features: (training) backbone features of one normal prompt per image ``[B, C, h, w]``.
+            category_index: (inference) category of each image ``[B]`` for the prompt choice, or
+                None to let the model choose the nearest prompt of any category.
+        """
+        if self.training:
+            if anomalous_images is None or prompt_features is None:
+                msg = "OneNIP training needs `anomalous_images` and `prompt_features`."
+                raise ValueError(msg)
+            return self.training_forward(images, anomalous_images, prompt_features)
+        return self.predict(images, category_index)
+
+    def training_forward(
+        self,
+        images: torch.Tensor,
+        anomalous_images: torch.Tensor,
+        prompt_features: torch.Tensor,
+    ) -> TrainingOutput:
+        """Reconstruction (normal query) and restoration (synthetic anomaly, same prompt) branches."""
+        batch_size = images.shape[0]
+        features = self.extract_features(torch.cat([images, anomalous_images]))
+        query_features = features[:batch_size]
+        tokens = self.jitter(self.to_tokens(torch.cat([features, prompt_features])))
+        encoded = self.transformer.encode(tokens)
+        encoded_queries, encoded_prompts = encoded[: 2 * batch_size], encoded[2 * batch_size :]
+        decoded = self.transformer.decode(encoded_prompts.repeat(2, 1, 1), encoded_queries)
+        reconstruction = self.to_features(decoded)
+        refiner_logits = self.refiner((reconstruction - features).abs(), self.input_size)
+        return TrainingOutput(reconstruction, query_features.repeat(2, 1, 1, 1), refiner_logits)
+
+    def predict(self, images: torch.Tensor, category_index: torch.Tensor | None = None) -> InferenceBatch:
+        """Anomaly map ``A = lambda * R + (1 - lambda) * kappa * S`` ``[B, 1, H, W]`` and score ``[B]``.
+
+        The score is the maximum of ``A`` after a ``score_pool_size`` average pooling (stride 1).
+        """
+        if self.prompt_bank.is_empty:
+            msg = "OneNIP has no prompt bank yet: train the model (or load a trained checkpoint) before inference."
+            raise RuntimeError(msg)
+        features = self.extract_features(images)
+        encoded_prompt = self.prompt_bank.select(self.global_features(features), category_index)
+        reconstruction = self.reconstruct(features, encoded_prompt)
+        reconstruction_map, refiner_map = self.residual_maps(reconstruction, features)
+        weight = self.reconstruction_weight
+        anomaly_map = weight * reconstruction_map + (1 - weight) * self.refiner_scale * refiner_map
+        pool_size = min(self.score_pool_size, *self.input_size)
+        pred_score = F.avg_pool2d(anomaly_map, pool_size, stride=1).amax(dim=(1, 2, 3))
+        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
