@@ -206,6 +206,15 @@ class MultiClassAD(AnomalibDataModule):
         self.categories = self._resolve_categories(categories)
         self.category = "all" if categories == "all" else "+".join(self.categories)
 
+    @property
+    def name(self) -> str:
+        """The dataset folder's name: results go to ``results/<Model>/<root name>/<categories>/``.
+
+        anomalib's visualizer keeps the image path below the folder of this name, so heatmaps are
+        saved as ``images/<category>/test/<defect>/<file>`` and categories do not overwrite each other.
+        """
+        return self.root.resolve().name
+
     def _resolve_categories(self, categories: Sequence[str] | str) -> list[str]:
         if isinstance(categories, str) and categories != "all":
             categories = [categories]
