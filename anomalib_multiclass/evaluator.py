@@ -97,7 +97,7 @@ class PerCategoryEvaluator(Evaluator):
         }
         for category, values in self.results.items():
             for name, value in values.items():
-                pl_module.log(f"{category}/{name}", value)
+                self.log(f"{category}/{name}", value)
         print_table(self.results)
         if trainer.is_global_zero:
             save_results(self.results, Path(trainer.default_root_dir))

@@ -1,0 +1,107 @@
+"""Multi-class datamodule: category tags, category resolution, and clear errors on bad data."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from anomalib_multiclass import CategoryImageBatch, MultiClassAD
+from anomalib_multiclass.datamodule import read_rgb_image
+
+
+def _setup(root: Path, **kwargs) -> MultiClassAD:  # noqa: ANN003
+    datamodule = MultiClassAD(root=root, train_batch_size=4, eval_batch_size=4, num_workers=0, **kwargs)
+    datamodule.setup()
+    return datamodule
+
+
+@pytest.fixture
+def dataset_copy(tiny_dataset: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(tiny_dataset, tmp_path / "textures"))
+
+
+def test_all_categories_are_found_and_every_sample_is_tagged(tiny_dataset: Path) -> None:
+    datamodule = _setup(tiny_dataset)
+    assert datamodule.categories == ["brick", "grass", "gravel"]
+    samples = datamodule.train_data.samples
+    assert samples.groupby("category").size().to_dict() == {"brick": 8, "grass": 8, "gravel": 8}
+    for path, category in zip(samples.image_path, samples.category, strict=True):
+        assert Path(path).parts[-4] == category
+    batch = next(iter(datamodule.test_dataloader()))
+    assert isinstance(batch, CategoryImageBatch)
+    assert len(batch.category) == len(batch.image)
+    assert batch.gt_mask.shape == (4, 64, 64)
+    assert datamodule.name == "textures", "results go under the dataset folder's name"
+
+
+def test_category_subset(tiny_dataset: Path) -> None:
+    datamodule = _setup(tiny_dataset, categories=["gravel", "brick"])
+    assert set(datamodule.train_data.samples.category) == {"brick", "gravel"}
+    assert set(datamodule.test_data.samples.category) == {"brick", "gravel"}
+    assert datamodule.category == "gravel+brick"
+
+
+def test_missing_category_is_named(tiny_dataset: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"Category 'marble' not found.*Available: \['brick', 'grass', 'gravel'\]"):
+        _setup(tiny_dataset, categories=["brick", "marble"])
+
+
+def test_unknown_dataset_kind_is_refused(tiny_dataset: Path) -> None:
+    with pytest.raises(ValueError, match="Unknown dataset 'mvtec'"):
+        MultiClassAD(root=tiny_dataset, dataset="mvtec")
+
+
+def test_category_without_training_images(dataset_copy: Path) -> None:
+    for image in (dataset_copy / "grass" / "train" / "good").iterdir():
+        image.unlink()
+    with pytest.raises(ValueError, match=r"Category 'grass' has no training images"):
+        _setup(dataset_copy)
+
+
+def test_defect_image_without_mask(dataset_copy: Path) -> None:
+    (dataset_copy / "brick" / "ground_truth" / "hole" / "001_mask.png").unlink()
+    with pytest.raises(ValueError, match=r"Category 'brick'.*exactly one mask"):
+        _setup(dataset_copy)
+
+
+def test_mask_of_another_size_is_named(dataset_copy: Path) -> None:
+    mask_path = dataset_copy / "brick" / "ground_truth" / "hole" / "000_mask.png"
+    Image.new("L", (32, 32)).save(mask_path)
+    datamodule = _setup(dataset_copy, categories=["brick"])
+    index = datamodule.test_data.samples.index[datamodule.test_data.samples.mask_path == str(mask_path)][0]
+    with pytest.raises(ValueError, match=r"000_mask.png' is \(32, 32\).*is \(64, 64\)"):
+        datamodule.test_data[index]
+
+
+@pytest.mark.parametrize("content", [b"", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00", b"just text"])
+def test_corrupt_image_is_named(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "broken.png"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"Cannot read image '.*broken.png'"):
+        read_rgb_image(str(path))
+
+
+def test_truncated_image_is_named(tiny_dataset: Path, tmp_path: Path) -> None:
+    source = next((tiny_dataset / "brick" / "train" / "good").iterdir()).read_bytes()
+    path = tmp_path / "truncated.png"
+    path.write_bytes(source[: len(source) // 2])
+    with pytest.raises(ValueError, match="truncated.png"):
+        read_rgb_image(str(path))
+
+
+def test_grayscale_rgba_and_16_bit_images_are_read_as_rgb(tmp_path: Path) -> None:
+    gray = np.tile(np.arange(0, 256, 16, dtype=np.uint8), (16, 1))
+    Image.fromarray(gray, mode="L").save(tmp_path / "gray.png")
+    rgba = np.dstack([gray, gray, gray, np.full_like(gray, 7)])
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "deep.png")
+    expected = torch.from_numpy(gray / 255.0).float().expand(3, -1, -1)
+    for name in ("gray.png", "rgba.png", "deep.png"):
+        image = read_rgb_image(str(tmp_path / name))
+        assert image.shape == (3, 16, 16), name
+        assert torch.allclose(image, expected, atol=1e-4), name

@@ -1,0 +1,71 @@
+"""OneNIP torch model: feature channels from the backbone, shapes, inference, input checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from anomalib.data import InferenceBatch
+
+from anomalib_onenip.torch_model import OneNIPModel
+
+SMALL = {"hidden_dim": 32, "num_heads": 2, "num_encoder_layers": 1, "num_decoder_layers": 1, "dim_feedforward": 64}
+
+
+@pytest.mark.parametrize(
+    ("backbone", "layers", "channels"),
+    [("tf_efficientnet_b4", (0, 1, 2, 3), 272), ("tf_efficientnet_lite0", (0, 1, 2, 3), 192), ("resnet18", ("layer1", "layer2", "layer3"), 448)],
+)
+def test_channel_count_is_derived_from_the_backbone(backbone: str, layers: tuple, channels: int) -> None:
+    model = OneNIPModel(backbone=backbone, layers=layers, input_size=(64, 64), **SMALL)
+    assert model.transformer.input_proj.in_features == channels
+    assert model.extract_features(torch.rand(1, 3, 64, 64)).shape == (1, channels, 4, 4)
+
+
+def test_training_output_shapes() -> None:
+    model = OneNIPModel(backbone="tf_efficientnet_lite0", input_size=(64, 64), **SMALL).train()
+    images = torch.rand(2, 3, 64, 64)
+    prompts = model.extract_features(torch.rand(2, 3, 64, 64))
+    output = model(images, anomalous_images=images.flip(-1), prompt_features=prompts)
+    assert output.reconstruction.shape == (4, 192, 4, 4)
+    assert output.target.shape == (4, 192, 4, 4)
+    assert torch.equal(output.target[:2], output.target[2:]), "both branches regress the clean features"
+    assert output.refiner_logits.shape == (4, 1, 64, 64)
+    assert not model.feature_extractor.feature_extractor.training, "the frozen backbone stays in eval mode"
+
+
+def test_inference_returns_scores_and_maps() -> None:
+    torch.manual_seed(0)
+    model = OneNIPModel(backbone="tf_efficientnet_lite0", input_size=(64, 64), **SMALL).eval()
+    features = model.extract_features(torch.rand(3, 3, 64, 64))
+    model.prompt_bank.store(model.encode_prompts(features), model.global_features(features), torch.tensor([0, 1, 2]))
+    with torch.no_grad():
+        output = model(torch.rand(2, 3, 64, 64))
+    assert isinstance(output, InferenceBatch)
+    assert output.anomaly_map.shape == (2, 1, 64, 64)
+    assert output.pred_score.shape == (2,)
+    expected = torch.nn.functional.avg_pool2d(output.anomaly_map, 16, stride=1).amax(dim=(1, 2, 3))
+    assert torch.allclose(output.pred_score, expected)
+
+
+def test_inference_without_prompt_bank_is_refused() -> None:
+    model = OneNIPModel(backbone="tf_efficientnet_lite0", input_size=(64, 64), **SMALL).eval()
+    with pytest.raises(RuntimeError, match="no prompt bank"):
+        model(torch.rand(1, 3, 64, 64))
+
+
+def test_training_without_prompts_is_refused() -> None:
+    model = OneNIPModel(backbone="tf_efficientnet_lite0", input_size=(64, 64), **SMALL).train()
+    with pytest.raises(ValueError, match="prompt_features"):
+        model(torch.rand(1, 3, 64, 64))
+
+
+@pytest.mark.parametrize("size", [(100, 100), (8, 8), (64, 72)])
+def test_input_size_the_backbone_cannot_take_is_refused(size: tuple[int, int]) -> None:
+    with pytest.raises(ValueError, match="multiples of its feature stride 16"):
+        OneNIPModel(backbone="tf_efficientnet_lite0", input_size=size, **SMALL)
+
+
+def test_image_of_another_size_is_refused() -> None:
+    model = OneNIPModel(backbone="tf_efficientnet_lite0", input_size=(64, 64), **SMALL)
+    with pytest.raises(ValueError, match=r"\(96, 96\) differs from the model's input_size"):
+        model.extract_features(torch.rand(1, 3, 96, 96))
