@@ -68,7 +68,7 @@ class OneNIPModel(nn.Module):
         score_pool_size: int = 16,
     ) -> None:
         super().__init__()
-        self.feature_extractor = build_feature_extractor(backbone, layers)
+        self.feature_extractor = build_feature_extractor(backbone, layers).requires_grad_(False)
         stride = max(self.feature_extractor.feature_extractor.feature_info.reduction())
         height, width = input_size
         if height % stride or width % stride or height < stride or width < stride:

@@ -57,7 +57,7 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_onenip(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
-    """A tiny OneNIP trained for 3 epochs on the tiny dataset, with its datamodule, engine and test results."""
+    """A tiny OneNIP (Lite0 ImageNet backbone) trained 3 epochs on the tiny dataset, with datamodule, engine, results."""
     from anomalib.engine import Engine
     from lightning.pytorch import seed_everything
 
@@ -66,7 +66,7 @@ def trained_onenip(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory)
 
     seed_everything(7)
     datamodule = MultiClassAD(root=tiny_dataset, train_batch_size=4, eval_batch_size=8, num_workers=0)
-    model = OneNIP(**TINY_ONENIP, lr=1e-3)
+    model = OneNIP(**{**TINY_ONENIP, "pre_trained": True}, lr=1e-3)  # offline ImageNet Lite0 weights
     root = tmp_path_factory.mktemp("trained")
     engine = Engine(max_epochs=3, accelerator="cpu", default_root_dir=root, enable_progress_bar=False)
     engine.fit(model=model, datamodule=datamodule)

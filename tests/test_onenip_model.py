@@ -1,0 +1,136 @@
+"""OneNIP as an anomalib model: training, prompt bank, refiner scale, per-category metrics, checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from anomalib.engine import Engine
+from lightning.pytorch import Callback
+
+from anomalib_multiclass import CategoryImageBatch, MultiClassAD
+from anomalib_onenip import OneNIP
+from tests.conftest import TINY_ONENIP
+
+
+def _test_batch(datamodule: MultiClassAD, model: OneNIP) -> CategoryImageBatch:
+    batch = next(iter(datamodule.test_dataloader()))
+    batch.image = model.pre_processor.transform(batch.image)
+    return batch
+
+
+def test_training_loss_decreases(tiny_dataset: Path, tmp_path: Path) -> None:
+    class EpochLosses(Callback):
+        def __init__(self) -> None:
+            self.losses: list[float] = []
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+            self.losses.append(float(trainer.callback_metrics["train_loss_epoch"]))
+
+    losses = EpochLosses()
+    datamodule = MultiClassAD(root=tiny_dataset, train_batch_size=4, num_workers=0)
+    model = OneNIP(**TINY_ONENIP, lr=1e-3)
+    engine = Engine(max_epochs=6, accelerator="cpu", default_root_dir=tmp_path, callbacks=[losses],
+                    enable_progress_bar=False, logger=False, limit_val_batches=0)
+    engine.fit(model=model, datamodule=datamodule)
+    assert losses.losses[-1] < 0.8 * losses.losses[0], losses.losses
+
+
+def test_per_category_metrics_on_tiny_dataset(trained_onenip) -> None:  # noqa: ANN001
+    model, _, engine, results = trained_onenip
+    for category in ("brick", "grass", "gravel", "mean"):
+        for metric in ("image_AUROC", "image_F1Max", "pixel_AUROC", "pixel_AUPR", "pixel_AUPRO"):
+            assert 0.0 <= results[f"{category}/{metric}"] <= 1.0
+    # a few epochs on 64 px textures with a random backbone already localise the drawn defects
+    assert results["mean/pixel_AUROC"] > 0.6
+    run_dir = Path(engine.trainer.default_root_dir)
+    assert (run_dir / "metrics_per_category.json").is_file()
+    assert (run_dir / "metrics_per_category.csv").is_file()
+    assert model.category_names == ["brick", "grass", "gravel"]
+
+
+def test_prompt_bank_holds_one_prompt_per_category(trained_onenip) -> None:  # noqa: ANN001
+    model, *_ = trained_onenip
+    bank = model.model.prompt_bank
+    assert bank.categories.tolist() == [0, 1, 2]
+    assert bank.tokens.shape == (3, 16, 32)
+
+
+def test_refiner_scale_comes_from_training_images(trained_onenip) -> None:  # noqa: ANN001
+    model, datamodule, *_ = trained_onenip
+    onenip = model.model.eval()
+    low, high = float("inf"), float("-inf")
+    with torch.no_grad():
+        for batch in datamodule.train_dataloader():
+            images = model.pre_processor.transform(batch.image)
+            features = onenip.extract_features(images)
+            index = torch.tensor([model.category_names.index(name) for name in batch.category])
+            prompt = onenip.prompt_bank.select(onenip.global_features(features), index)
+            reconstruction_map, _ = onenip.residual_maps(onenip.reconstruct(features, prompt), features)
+            low, high = min(low, reconstruction_map.min().item()), max(high, reconstruction_map.max().item())
+    assert onenip.refiner_scale.item() == pytest.approx((low + high) / 2, rel=1e-4)
+
+
+def test_category_prompt_and_nearest_prompt_paths(trained_onenip) -> None:  # noqa: ANN001
+    model, datamodule, *_ = trained_onenip
+    model.eval()
+    batch = _test_batch(datamodule, model)
+    with torch.no_grad():
+        by_category = model.model(batch.image, category_index=model._category_index(batch))  # noqa: SLF001
+        plain = model.model(batch.image)  # no category: the model picks the nearest prompt itself
+    # the nearest prompt of these distinct textures is the one of the image's own category
+    features = model.model.extract_features(batch.image)
+    similarity = torch.nn.functional.normalize(model.model.global_features(features), dim=-1) @ model.model.prompt_bank.global_features.T
+    chosen = [model.category_names[model.model.prompt_bank.categories[i]] for i in similarity.argmax(1)]
+    assert chosen == list(batch.category)
+    assert torch.allclose(by_category.anomaly_map, plain.anomaly_map)
+
+
+def test_unknown_category_at_test_time_is_named(trained_onenip) -> None:  # noqa: ANN001
+    model, datamodule, *_ = trained_onenip
+    batch = _test_batch(datamodule, model)
+    batch.category = ["marble"] * len(batch.image)
+    with pytest.raises(ValueError, match=r"\['marble'\] were not in OneNIP's training data"):
+        model.validation_step(batch)
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(trained_onenip, tmp_path: Path) -> None:  # noqa: ANN001
+    model, datamodule, engine, _ = trained_onenip
+    path = tmp_path / "model.ckpt"
+    engine.trainer.save_checkpoint(path)
+    restored = OneNIP.load_from_checkpoint(path, map_location="cpu")
+    assert restored.category_names == model.category_names
+    model.eval()
+    restored.eval()
+    batch = _test_batch(datamodule, model)
+    with torch.no_grad():
+        expected = model.model(batch.image)
+        actual = restored.model(batch.image)
+        exported_path = restored(batch.image * 0 + next(iter(datamodule.test_dataloader())).image)
+    assert torch.equal(expected.anomaly_map, actual.anomaly_map)
+    assert torch.equal(expected.pred_score, actual.pred_score)
+    assert torch.equal(restored.model.refiner_scale, model.model.refiner_scale)
+    assert exported_path.pred_label is not None, "the full forward (pre-process, model, post-process) runs"
+
+
+def test_pretrained_backbone_offline_fails_fast_with_the_fix(tiny_dataset: Path, tmp_path: Path) -> None:
+    datamodule = MultiClassAD(root=tiny_dataset, train_batch_size=4, num_workers=0)
+    model = OneNIP(**{**TINY_ONENIP, "backbone": "tf_efficientnet_b4", "pre_trained": True})
+    engine = Engine(max_epochs=1, accelerator="cpu", default_root_dir=tmp_path, enable_progress_bar=False)
+    with pytest.raises(RuntimeError, match=r"--model.weights_path"):
+        engine.fit(model=model, datamodule=datamodule)
+
+
+def test_pretrained_lite0_backbone_loads_offline_at_fit_start(tiny_dataset: Path, tmp_path: Path) -> None:
+    from anomalib_multiclass.backbone import offline_package_weights
+
+    datamodule = MultiClassAD(root=tiny_dataset, categories=["brick"], train_batch_size=4, num_workers=0)
+    model = OneNIP(**{**TINY_ONENIP, "pre_trained": True})
+    assert not bool(model.backbone_weights_loaded)
+    engine = Engine(max_epochs=1, accelerator="cpu", default_root_dir=tmp_path, enable_progress_bar=False, logger=False,
+                    limit_val_batches=0)
+    engine.fit(model=model, datamodule=datamodule)
+    expected = offline_package_weights("tf_efficientnet_lite0")["conv_stem.weight"]
+    assert torch.equal(model.model.feature_extractor.feature_extractor.conv_stem.weight, expected)
+    assert bool(model.backbone_weights_loaded)
