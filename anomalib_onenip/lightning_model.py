@@ -16,7 +16,7 @@ deployment needs no category label.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,9 @@ class OneNIP(AnomalibModule):
         refiner_channels: refiner width (paper: 128).
         reconstruction_weight: weight of the reconstruction map in the fused map (paper: 0.5).
         score_pool_size: average-pooling window for the image score (paper: 16).
+        normalize_per_category: standardise each category's map and score with statistics of its
+            normal training images, so that one threshold serves all categories (per-category
+            metrics are unchanged); False outputs the paper's raw fused map.
         anomaly_source_path: texture folder for Perlin anomalies (paper: DTD); None uses noise textures.
         cutpaste_probability: share of CutPaste among synthetic anomalies (paper: 0.5).
         dice_weight: weight of the refiner's Dice loss (paper: 0.5).
@@ -96,6 +99,7 @@ class OneNIP(AnomalibModule):
         refiner_channels: int = 128,
         reconstruction_weight: float = 0.5,
         score_pool_size: int = 16,
+        normalize_per_category: bool = True,
         anomaly_source_path: str | None = None,
         cutpaste_probability: float = 0.5,
         dice_weight: float = 0.5,
@@ -139,6 +143,7 @@ class OneNIP(AnomalibModule):
             refiner_channels=refiner_channels,
             reconstruction_weight=reconstruction_weight,
             score_pool_size=score_pool_size,
+            normalize_per_category=normalize_per_category,
         )
         self.loss = OneNIPLoss(dice_weight=dice_weight)
         self.anomaly_generator = OneNIPAnomalyGenerator(anomaly_source_path, cutpaste_probability=cutpaste_probability)
@@ -262,18 +267,22 @@ class OneNIP(AnomalibModule):
 
     @torch.no_grad()
     def build_prompt_bank(self) -> None:
-        """Encode the prompt bank from the cached training features and calibrate the refiner scale.
+        """Encode the prompt bank from the cached training features, then calibrate the output.
 
-        Per category, the first prompt is the training image whose global feature is closest to
-        the category's mean global feature; further prompts (``prompts_per_category``) are added by
-        farthest-point sampling on the global features.
+        Prompts: per category, the first prompt is the training image whose global feature is
+        closest to the category's mean global feature; further prompts (``prompts_per_category``)
+        are added by farthest-point sampling on the global features.
 
-        The refiner scale ``kappa`` brings the refiner map ``S`` (in [0, 1]) to the range of the
-        reconstruction map ``R``. The official code sets ``kappa = (max R + min R) / 2`` over all
-        pixels of the whole *test* set; here the same formula runs over the pixels of up to
-        ``calibration_images_per_category`` *training* (normal) images per category, evenly spaced
-        in the cached pool, each reconstructed with its category's prompt as at test time. No test
-        data is used; ``kappa`` is stored in the model's state, so checkpoints and exports keep it.
+        Calibration uses up to ``calibration_images_per_category`` *training* (normal) images per
+        category, evenly spaced in the cached pool, each reconstructed with its category's prompt
+        as at test time. No test data is used, and every constant is stored in the model's state,
+        so checkpoints and exports keep it.
+
+        1. Refiner scale ``kappa``, which brings the refiner map ``S`` (in [0, 1]) to the range of
+           the reconstruction map ``R``: the official code sets ``kappa = (max R + min R) / 2`` over
+           all pixels of the whole *test* set; here the same formula runs over the calibration images.
+        2. Per category, the mean and standard deviation of the image score of the calibration
+           images (used by ``normalize_per_category``).
         """
         if not self._prompt_features:
             msg = "No cached training features: the prompt bank is built during training."
@@ -287,27 +296,37 @@ class OneNIP(AnomalibModule):
             selected.append(features[chosen])
             categories.append(torch.full((len(chosen),), index, dtype=torch.long))
         prompt_features = torch.cat(selected).to(self.device)
-        self.model.prompt_bank.store(
+        bank = self.model.prompt_bank
+        bank.store(
             self.model.encode_prompts(prompt_features),
             self.model.global_features(prompt_features),
             torch.cat(categories).to(self.device),
         )
-        self.model.refiner_scale.fill_(self._calibrate_refiner_scale())
+        low, high = float("inf"), float("-inf")
+        for features, category_index in self._calibration_batches():
+            encoded_prompt, _ = bank.select(self.model.global_features(features), category_index)
+            reconstruction = self.model.reconstruct(features, encoded_prompt)
+            reconstruction_map, _ = self.model.residual_maps(reconstruction, features)
+            low, high = min(low, reconstruction_map.min().item()), max(high, reconstruction_map.max().item())
+        self.model.refiner_scale.fill_((high + low) / 2)
+        scores: list[list[torch.Tensor]] = [[] for _ in self.category_names]
+        for features, category_index in self._calibration_batches():
+            anomaly_map, _ = self.model.fused_map(features, category_index)
+            scores[int(category_index[0])].append(self.model.image_score(anomaly_map))
+        per_category = [torch.cat(values) for values in scores]
+        mean = torch.stack([values.mean() for values in per_category])
+        std = torch.stack([values.std(unbiased=False) for values in per_category])
+        bank.store_score_statistics(mean, std.clamp_min(1e-3 * mean.abs().clamp_min(1e-6)))
         self.model.train(was_training)
 
-    def _calibrate_refiner_scale(self, chunk_size: int = 16) -> float:
-        low, high = float("inf"), float("-inf")
+    def _calibration_batches(self, chunk_size: int = 16) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Chunks of calibration features ``[b, C, h, w]`` (on the device) with their category index ``[b]``."""
         for index, name in enumerate(self.category_names):
             pool = self._prompt_features[name]
             count = min(len(pool), self.hparams.calibration_images_per_category)
             subset = pool[torch.linspace(0, len(pool) - 1, count).round().long()]
             for features in subset.split(chunk_size):
-                features = features.to(self.device)
-                category_index = torch.full((len(features),), index, device=self.device)
-                prompt = self.model.prompt_bank.select(self.model.global_features(features), category_index)
-                reconstruction_map, _ = self.model.residual_maps(self.model.reconstruct(features, prompt), features)
-                low, high = min(low, reconstruction_map.min().item()), max(high, reconstruction_map.max().item())
-        return (high + low) / 2
+                yield features.to(self.device), torch.full((len(features),), index, device=self.device)
 
     # ------------------------------------------------------------------------------- evaluation
     def on_validation_start(self) -> None:

@@ -47,6 +47,8 @@ class OneNIPModel(nn.Module):
         refiner_channels: refiner width (paper: 128).
         reconstruction_weight: ``lambda`` in ``A = lambda * R + (1 - lambda) * kappa * S`` (paper: 0.5).
         score_pool_size: average-pooling window of the image score (paper: 16).
+        normalize_per_category: standardise map and score with the chosen prompt's category
+            statistics (see :meth:`predict`); False returns the paper's raw fused map.
     """
 
     def __init__(
@@ -66,6 +68,7 @@ class OneNIPModel(nn.Module):
         refiner_channels: int = 128,
         reconstruction_weight: float = 0.5,
         score_pool_size: int = 16,
+        normalize_per_category: bool = True,
     ) -> None:
         super().__init__()
         self.feature_extractor = build_feature_extractor(backbone, layers).requires_grad_(False)
@@ -98,6 +101,7 @@ class OneNIPModel(nn.Module):
         self.feature_jitter_prob = feature_jitter_prob
         self.reconstruction_weight = reconstruction_weight
         self.score_pool_size = score_pool_size
+        self.normalize_per_category = normalize_per_category
 
     def extract_features(self, images: torch.Tensor) -> torch.Tensor:
         """Frozen backbone taps resized (bilinear, ``align_corners=True``) to ``(h, w)`` and concatenated: ``[B, C, h, w]``."""
@@ -194,20 +198,45 @@ class OneNIPModel(nn.Module):
         refiner_logits = self.refiner((reconstruction - features).abs(), self.input_size)
         return TrainingOutput(reconstruction, query_features.repeat(2, 1, 1, 1), refiner_logits)
 
-    def predict(self, images: torch.Tensor, category_index: torch.Tensor | None = None) -> InferenceBatch:
-        """Anomaly map ``A = lambda * R + (1 - lambda) * kappa * S`` ``[B, 1, H, W]`` and score ``[B]``.
+    def fused_map(
+        self,
+        features: torch.Tensor,
+        category_index: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The paper's anomaly map ``A = lambda * R + (1 - lambda) * kappa * S`` ``[B, 1, H, W]``.
 
-        The score is the maximum of ``A`` after a ``score_pool_size`` average pooling (stride 1).
+        Args:
+            features: query features ``[B, C, h, w]``.
+            category_index: query categories ``[B]`` for the prompt choice, or None (nearest prompt).
+
+        Returns:
+            ``A`` and the category index of the prompt used for each query ``[B]``.
+        """
+        encoded_prompt, prompt_category = self.prompt_bank.select(self.global_features(features), category_index)
+        reconstruction_map, refiner_map = self.residual_maps(self.reconstruct(features, encoded_prompt), features)
+        weight = self.reconstruction_weight
+        return weight * reconstruction_map + (1 - weight) * self.refiner_scale * refiner_map, prompt_category
+
+    def image_score(self, anomaly_map: torch.Tensor) -> torch.Tensor:
+        """Maximum of the map after a ``score_pool_size`` average pooling (stride 1): ``[B]``."""
+        pool_size = min(self.score_pool_size, *self.input_size)
+        return F.avg_pool2d(anomaly_map, pool_size, stride=1).amax(dim=(1, 2, 3))
+
+    def predict(self, images: torch.Tensor, category_index: torch.Tensor | None = None) -> InferenceBatch:
+        """Anomaly map ``[B, 1, H, W]`` and image score ``[B]``.
+
+        With ``normalize_per_category`` the fused map ``A`` is standardised with the image-score
+        mean and standard deviation of the chosen prompt's category on normal training images,
+        ``(A - mean_c) / std_c``: one monotone map per category, so per-category metrics equal
+        those of the raw map, while scores of different categories become comparable for one
+        shared threshold.
         """
         if self.prompt_bank.is_empty:
             msg = "OneNIP has no prompt bank yet: train the model (or load a trained checkpoint) before inference."
             raise RuntimeError(msg)
-        features = self.extract_features(images)
-        encoded_prompt = self.prompt_bank.select(self.global_features(features), category_index)
-        reconstruction = self.reconstruct(features, encoded_prompt)
-        reconstruction_map, refiner_map = self.residual_maps(reconstruction, features)
-        weight = self.reconstruction_weight
-        anomaly_map = weight * reconstruction_map + (1 - weight) * self.refiner_scale * refiner_map
-        pool_size = min(self.score_pool_size, *self.input_size)
-        pred_score = F.avg_pool2d(anomaly_map, pool_size, stride=1).amax(dim=(1, 2, 3))
-        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
+        anomaly_map, prompt_category = self.fused_map(self.extract_features(images), category_index)
+        if self.normalize_per_category:
+            mean = self.prompt_bank.score_mean[prompt_category].view(-1, 1, 1, 1)
+            std = self.prompt_bank.score_std[prompt_category].view(-1, 1, 1, 1)
+            anomaly_map = (anomaly_map - mean) / std
+        return InferenceBatch(pred_score=self.image_score(anomaly_map), anomaly_map=anomaly_map)

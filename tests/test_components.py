@@ -45,11 +45,13 @@ def test_prompt_bank_selects_by_category_and_nearest() -> None:
     tokens = torch.arange(3.0).view(3, 1, 1).expand(3, 4, 3)
     bank.store(tokens, torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7]]), torch.tensor([0, 1, 1]))
     query = torch.tensor([[1.0, 0.05], [0.0, 2.0]])
-    nearest = bank.select(query)
+    nearest, nearest_category = bank.select(query)
     assert nearest[:, 0, 0].tolist() == [0.0, 1.0]
+    assert nearest_category.tolist() == [0, 1]
     # with a category, only that category's prompts are candidates
-    by_category = bank.select(query, torch.tensor([1, 0]))
+    by_category, chosen_category = bank.select(query, torch.tensor([1, 0]))
     assert by_category[:, 0, 0].tolist() == [2.0, 0.0]
+    assert chosen_category.tolist() == [1, 0]
 
 
 def test_prompt_bank_state_dict_round_trip_resizes_buffers() -> None:

@@ -66,10 +66,12 @@ def test_refiner_scale_comes_from_training_images(trained_onenip) -> None:  # no
             images = model.pre_processor.transform(batch.image)
             features = onenip.extract_features(images)
             index = torch.tensor([model.category_names.index(name) for name in batch.category])
-            prompt = onenip.prompt_bank.select(onenip.global_features(features), index)
+            prompt, _ = onenip.prompt_bank.select(onenip.global_features(features), index)
             reconstruction_map, _ = onenip.residual_maps(onenip.reconstruct(features, prompt), features)
             low, high = min(low, reconstruction_map.min().item()), max(high, reconstruction_map.max().item())
     assert onenip.refiner_scale.item() == pytest.approx((low + high) / 2, rel=1e-4)
+    assert onenip.prompt_bank.score_mean.shape == (3,)
+    assert (onenip.prompt_bank.score_std > 0).all()
 
 
 def test_category_prompt_and_nearest_prompt_paths(trained_onenip) -> None:  # noqa: ANN001

@@ -38,13 +38,22 @@ def test_inference_returns_scores_and_maps() -> None:
     model = OneNIPModel(backbone="tf_efficientnet_lite0", input_size=(64, 64), **SMALL).eval()
     features = model.extract_features(torch.rand(3, 3, 64, 64))
     model.prompt_bank.store(model.encode_prompts(features), model.global_features(features), torch.tensor([0, 1, 2]))
+    model.prompt_bank.store_score_statistics(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, 1.0, 2.0]))
+    images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
-        output = model(torch.rand(2, 3, 64, 64))
+        output = model(images)
+        raw_map, category = model.fused_map(model.extract_features(images))
     assert isinstance(output, InferenceBatch)
     assert output.anomaly_map.shape == (2, 1, 64, 64)
     assert output.pred_score.shape == (2,)
     expected = torch.nn.functional.avg_pool2d(output.anomaly_map, 16, stride=1).amax(dim=(1, 2, 3))
     assert torch.allclose(output.pred_score, expected)
+    # per-category standardisation with the chosen prompt's category statistics
+    mean, std = torch.tensor([1.0, 2.0, 3.0])[category], torch.tensor([0.5, 1.0, 2.0])[category]
+    assert torch.allclose(output.anomaly_map, (raw_map - mean.view(-1, 1, 1, 1)) / std.view(-1, 1, 1, 1), atol=1e-5)
+    model.normalize_per_category = False
+    with torch.no_grad():
+        assert torch.allclose(model(images).anomaly_map, raw_map)
 
 
 def test_inference_without_prompt_bank_is_refused() -> None:

@@ -15,6 +15,8 @@ class PromptBank(nn.Module):
     - ``tokens [K, N, D]``: encoder output of each prompt image (encoded once, not per query).
     - ``global_features [K, C]``: L2-normalised spatial mean of each prompt's backbone features.
     - ``categories [K]``: category index of each prompt.
+    - ``score_mean [M]``, ``score_std [M]``: per category (``M`` categories), the mean and standard
+      deviation of the image score over normal training images, to put all categories on one scale.
 
     :meth:`select` returns, for each query, the prompt of its category (when the category is
     known) or of any category, whose global feature is the most cosine-similar to the query's.
@@ -26,6 +28,8 @@ class PromptBank(nn.Module):
         self.register_buffer("tokens", torch.zeros(0, num_tokens, hidden_dim))
         self.register_buffer("global_features", torch.zeros(0, in_channels))
         self.register_buffer("categories", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("score_mean", torch.zeros(0))
+        self.register_buffer("score_std", torch.zeros(0))
 
     @property
     def is_empty(self) -> bool:
@@ -38,7 +42,16 @@ class PromptBank(nn.Module):
         self.global_features = F.normalize(global_features.detach(), dim=-1)
         self.categories = categories.detach().to(torch.long).clone()
 
-    def select(self, global_features: torch.Tensor, category_index: torch.Tensor | None = None) -> torch.Tensor:
+    def store_score_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Set the per-category image-score mean and standard deviation, both ``[M]``."""
+        self.score_mean = mean.detach().clone()
+        self.score_std = std.detach().clone()
+
+    def select(
+        self,
+        global_features: torch.Tensor,
+        category_index: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Choose one encoded prompt per query.
 
         Args:
@@ -46,17 +59,18 @@ class PromptBank(nn.Module):
             category_index: query category indices ``[B]``, or None to choose among all prompts.
 
         Returns:
-            Encoded prompts ``[B, N, D]``.
+            Encoded prompts ``[B, N, D]`` and the category index of each chosen prompt ``[B]``.
         """
         similarity = F.normalize(global_features, dim=-1) @ self.global_features.T
         if category_index is not None:
             other_category = self.categories.unsqueeze(0) != category_index.unsqueeze(1)
             similarity = similarity.masked_fill(other_category, float("-inf"))
-        return self.tokens[similarity.argmax(dim=1)]
+        chosen = similarity.argmax(dim=1)
+        return self.tokens[chosen], self.categories[chosen]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
         """Resize the buffers to the stored bank before loading it."""
-        for name in ("tokens", "global_features", "categories"):
+        for name in ("tokens", "global_features", "categories", "score_mean", "score_std"):
             stored = state_dict.get(prefix + name)
             if stored is not None:
                 setattr(self, name, torch.empty_like(stored, device=getattr(self, name).device))
