@@ -224,8 +224,8 @@ class MultiClassAD(AnomalibDataModule):
                 raise ValueError(msg)
             return list(dict.fromkeys(categories))
         if self.dataset in ANOMALIB_SOURCES:
-            datamodule_path = ANOMALIB_SOURCES[self.dataset][0]
-            return list(importlib.import_module(datamodule_path.rpartition(".")[0]).CATEGORIES)
+            dataset_path = ANOMALIB_SOURCES[self.dataset][1]
+            return list(importlib.import_module(dataset_path.rpartition(".")[0]).CATEGORIES)
         if not self.root.is_dir():
             msg = f"Dataset root '{self.root}' does not exist. Give the folder that holds one sub-folder per category."
             raise FileNotFoundError(msg)
