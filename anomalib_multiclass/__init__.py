@@ -3,5 +3,13 @@
 from anomalib_multiclass.batch import CategoryImageBatch, CategoryImageItem
 from anomalib_multiclass.datamodule import MultiClassAD, MultiClassDataset
 from anomalib_multiclass.evaluator import PerCategoryEvaluator
+from anomalib_multiclass.post_processing import RankPreservingPostProcessor
 
-__all__ = ["CategoryImageBatch", "CategoryImageItem", "MultiClassAD", "MultiClassDataset", "PerCategoryEvaluator"]
+__all__ = [
+    "CategoryImageBatch",
+    "CategoryImageItem",
+    "MultiClassAD",
+    "MultiClassDataset",
+    "PerCategoryEvaluator",
+    "RankPreservingPostProcessor",
+]

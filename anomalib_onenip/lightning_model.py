@@ -34,7 +34,7 @@ from torch.nn import functional as F  # noqa: N812
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from anomalib_multiclass import PerCategoryEvaluator
+from anomalib_multiclass import PerCategoryEvaluator, RankPreservingPostProcessor
 from anomalib_multiclass.backbone import backbone_normalization, load_pretrained_backbone
 from anomalib_onenip.anomaly_generator import OneNIPAnomalyGenerator
 from anomalib_onenip.loss import OneNIPLoss
@@ -163,6 +163,10 @@ class OneNIP(AnomalibModule):
         mean, std = backbone_normalization(backbone)
         transform = v2.Compose([v2.Resize(image_size or (256, 256), antialias=True), v2.Normalize(mean=mean, std=std)])
         return PreProcessor(transform=transform)
+
+    def configure_post_processor(self) -> RankPreservingPostProcessor:
+        """anomalib's normalisation and thresholds, without ties (see :class:`RankPreservingPostProcessor`)."""
+        return RankPreservingPostProcessor()
 
     @staticmethod
     def configure_evaluator() -> Evaluator:
