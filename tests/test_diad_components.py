@@ -230,3 +230,14 @@ def test_importing_onenip_does_not_import_diffusers() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "False"
+
+
+def test_eval_path_exports_with_torch_export() -> None:
+    """The whole anomalib forward (pre-processing, fixed-length DDIM loop, scoring, post-processing) traces."""
+    model = DiAD(**TINY, diffusion_weights=None, pre_trained=False, visualizer=False).eval()
+    images = torch.rand(1, 3, 128, 128)
+    exported = torch.export.export(model, (images,))
+    with torch.no_grad():
+        expected, actual = model(images), exported.module()(images)
+    torch.testing.assert_close(actual.pred_score, expected.pred_score)
+    torch.testing.assert_close(actual.anomaly_map, expected.anomaly_map)
