@@ -177,7 +177,7 @@ class DiAD(AnomalibModule):
         image_size: tuple[int, int] | None = None,
         backbone: str = "resnet50",
     ) -> PreProcessor:
-        """Resize to ``image_size`` (default 256x256) and normalise with the backbone's mean and std (paper: ImageNet)."""
+        """Resize to ``image_size`` (default 256x256), normalise with the backbone's mean and std (paper: ImageNet)."""
         mean, std = backbone_normalization(backbone)
         transform = v2.Compose([v2.Resize(image_size or (256, 256), antialias=True), v2.Normalize(mean=mean, std=std)])
         return PreProcessor(transform=transform)
@@ -242,7 +242,8 @@ class DiAD(AnomalibModule):
             self._load_part(self.model.autoencoder, autoencoder.state_dict(), f"the autoencoder of '{source}'")
         context = empty_prompt_embedding(source)
         if context.shape[-1] != self.model.context.shape[-1]:
-            msg = f"The text embedding of '{source}' has width {context.shape[-1]}, the UNet expects {self.model.context.shape[-1]}."
+            expected = self.model.context.shape[-1]
+            msg = f"The text embedding of '{source}' has width {context.shape[-1]}, the UNet expects {expected}."
             raise ValueError(msg)
         self.model.context = context.to(self.model.context)
 
@@ -252,7 +253,11 @@ class DiAD(AnomalibModule):
         if path.is_dir():
             state_dict = load_pretrained_autoencoder(str(path.parent), subfolder=path.name).state_dict()
         elif path.is_file():
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+            try:
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as error:
+                msg = f"Cannot read autoencoder_checkpoint '{path}': {error}. Give stage 1's model.ckpt."
+                raise ValueError(msg) from error
             prefix = "model.autoencoder."
             state_dict = {
                 key.removeprefix(prefix): value
@@ -322,8 +327,8 @@ class DiAD(AnomalibModule):
         self.calibration_step.fill_(self.global_step)
 
     @torch.no_grad()
-    def compute_score_statistics(self, dataloader: Any) -> None:  # noqa: ANN401 - any iterable of batches
-        """Mean and std of the raw image score of up to ``calibration_images_per_category`` normal training images per category.
+    def compute_score_statistics(self, dataloader: Any) -> None:
+        """Mean and std of the raw image score of up to ``calibration_images_per_category`` training images per category.
 
         Only training (normal) images are used; the statistics live in the model's state dict.
         """
@@ -392,7 +397,9 @@ class DiAD(AnomalibModule):
             return None
         unknown = sorted(set(categories) - set(self.category_names))
         if unknown:
-            logger.warning("DiAD: categories %s were not in the training data; using all categories' statistics.", unknown)
+            logger.warning(
+                "DiAD: categories %s were not in the training data; using all categories' statistics.", unknown
+            )
             return None
         return torch.tensor([self.category_names.index(name) for name in categories], device=batch.image.device)
 

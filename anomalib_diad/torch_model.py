@@ -15,7 +15,12 @@ from anomalib.data import InferenceBatch
 from torch import nn
 
 from anomalib_diad.components import DDIMSampler, FeatureDistanceAnomalyMap, ScoreStatistics, SemanticGuidedNetwork
-from anomalib_diad.components.diffusers_models import NUM_TRAIN_TIMESTEPS, architecture_config, build_autoencoder, build_unet
+from anomalib_diad.components.diffusers_models import (
+    NUM_TRAIN_TIMESTEPS,
+    architecture_config,
+    build_autoencoder,
+    build_unet,
+)
 
 STAGES = ("autoencoder", "diffusion")
 POSTERIORS = ("sample", "mode")
@@ -205,7 +210,7 @@ class DiADModel(nn.Module):
         category_index: torch.Tensor | None = None,
         compute_perceptual: bool = False,
     ) -> AutoencoderOutput | DiffusionOutput | InferenceBatch:
-        """Training: the stage's :class:`AutoencoderOutput` or :class:`DiffusionOutput`; inference: :class:`InferenceBatch`.
+        """Training: the stage's :class:`AutoencoderOutput` or :class:`DiffusionOutput`; eval: :class:`InferenceBatch`.
 
         Args:
             images: normalised images ``[B, 3, H, W]``.

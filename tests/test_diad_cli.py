@@ -18,8 +18,14 @@ pytestmark = pytest.mark.slow
 
 CATEGORIES = ["brick", "gravel"]
 TINY_MODEL = {
-    "architecture": "tiny", "input_size": [128, 128], "diffusion_weights": None, "pre_trained": False,
-    "backbone": "resnet18", "ddim_steps": 1, "calibration_images_per_category": 2, "visualizer": False,
+    "architecture": "tiny",
+    "input_size": [128, 128],
+    "diffusion_weights": None,
+    "pre_trained": False,
+    "backbone": "resnet18",
+    "ddim_steps": 1,
+    "calibration_images_per_category": 2,
+    "visualizer": False,
 }
 TRAINER_ARGS = ["--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]
 
@@ -27,8 +33,15 @@ TRAINER_ARGS = ["--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--
 def _anomalib(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     executable = Path(sys.executable).with_name("anomalib")
     command = [str(executable)] if executable.exists() else [shutil.which("anomalib") or "anomalib"]
-    result = subprocess.run([*command, *args], cwd=cwd, capture_output=True, text=True, timeout=600, check=False,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        [*command, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     return result
 
@@ -38,8 +51,20 @@ def _flag(value: object) -> str:
 
 
 def _data_args(root: Path) -> list[str]:
-    return ["--data", "MultiClassAD", "--data.root", str(root), "--data.categories", _flag(CATEGORIES),
-            "--data.num_workers", "0", "--data.train_batch_size", "8", "--data.eval_batch_size", "16"]
+    return [
+        "--data",
+        "MultiClassAD",
+        "--data.root",
+        str(root),
+        "--data.categories",
+        _flag(CATEGORIES),
+        "--data.num_workers",
+        "0",
+        "--data.train_batch_size",
+        "8",
+        "--data.eval_batch_size",
+        "16",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +72,21 @@ def two_stage_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) 
     """Stage 1 with the short name and flags, stage 2 from a YAML ``class_path`` loading stage 1's autoencoder."""
     work = tmp_path_factory.mktemp("diad_cli")
     model_flags = [item for key, value in TINY_MODEL.items() for item in (f"--model.{key}", _flag(value))]
-    stage1 = _anomalib(["train", "--model", "DiAD", *model_flags, "--model.stage", "autoencoder",
-                        *_data_args(tiny_dataset), *TRAINER_ARGS, "--default_root_dir", "stage1"], work)
+    stage1 = _anomalib(
+        [
+            "train",
+            "--model",
+            "DiAD",
+            *model_flags,
+            "--model.stage",
+            "autoencoder",
+            *_data_args(tiny_dataset),
+            *TRAINER_ARGS,
+            "--default_root_dir",
+            "stage1",
+        ],
+        work,
+    )
     stage1_run = work / "stage1" / "DiAD" / tiny_dataset.name / "+".join(CATEGORIES) / "latest"
     stage1_checkpoint = stage1_run / "weights" / "lightning" / "model.ckpt"
     init_args = "".join(f"    {key}: {json.dumps(value)}\n" for key, value in TINY_MODEL.items())
@@ -57,13 +95,19 @@ def two_stage_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) 
         f"model:\n  class_path: anomalib_diad.DiAD\n  init_args:\n{init_args}"
         f"    stage: diffusion\n    autoencoder_checkpoint: {stage1_checkpoint}\n"
         f"data:\n  class_path: anomalib_multiclass.MultiClassAD\n  init_args:\n    root: {tiny_dataset}\n"
-        f"    categories: {json.dumps(CATEGORIES)}\n    num_workers: 0\n    train_batch_size: 8\n    eval_batch_size: 16\n"
+        f"    categories: {json.dumps(CATEGORIES)}\n    num_workers: 0\n"
+        "    train_batch_size: 8\n    eval_batch_size: 16\n"
         "trainer:\n  max_epochs: 1\n  accelerator: cpu\n  enable_progress_bar: false\ndefault_root_dir: stage2\n"
     )
     stage2 = _anomalib(["train", "-c", str(config)], work)
     stage2_run = work / "stage2" / "DiAD" / tiny_dataset.name / "+".join(CATEGORIES) / "latest"
-    return {"stage1": stage1_run, "stage2": stage2_run, "stage1_stdout": stage1.stdout, "stage2_stdout": stage2.stdout,
-            "data": tiny_dataset}
+    return {
+        "stage1": stage1_run,
+        "stage2": stage2_run,
+        "stage1_stdout": stage1.stdout,
+        "stage2_stdout": stage2.stdout,
+        "data": tiny_dataset,
+    }
 
 
 def test_both_stages_train_and_report_per_category_metrics(two_stage_run: dict) -> None:
@@ -78,8 +122,8 @@ def test_both_stages_train_and_report_per_category_metrics(two_stage_run: dict) 
 
 
 def test_stage_two_uses_and_keeps_stage_one_autoencoder(two_stage_run: dict) -> None:
-    stage1 = torch.load(two_stage_run["stage1"] / "weights/lightning/model.ckpt", map_location="cpu", weights_only=False)
-    stage2 = torch.load(two_stage_run["stage2"] / "weights/lightning/model.ckpt", map_location="cpu", weights_only=False)
+    stage1 = torch.load(two_stage_run["stage1"] / "weights/lightning/model.ckpt", map_location="cpu", weights_only=True)
+    stage2 = torch.load(two_stage_run["stage2"] / "weights/lightning/model.ckpt", map_location="cpu", weights_only=True)
     autoencoder_keys = [key for key in stage1["state_dict"] if key.startswith("model.autoencoder.")]
     assert autoencoder_keys
     for key in autoencoder_keys:

@@ -10,10 +10,10 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from anomalib_diad import DiAD  # noqa: E402
-from anomalib_diad.components import DDIMSampler, FeatureDistanceAnomalyMap, SemanticGuidedNetwork  # noqa: E402
-from anomalib_diad.components.diffusers_models import build_ddim_scheduler, build_unet  # noqa: E402
-from anomalib_diad.torch_model import DiADModel  # noqa: E402
+from anomalib_diad import DiAD
+from anomalib_diad.components import DDIMSampler, FeatureDistanceAnomalyMap, SemanticGuidedNetwork
+from anomalib_diad.components.diffusers_models import build_ddim_scheduler, build_unet
+from anomalib_diad.torch_model import DiADModel
 
 TINY = {"architecture": "tiny", "input_size": (128, 128), "backbone": "resnet18", "ddim_steps": 2}
 
@@ -58,7 +58,9 @@ def test_sampler_agrees_with_a_plain_diffusers_ddim_loop(tiny_model: DiADModel) 
 def test_training_noise_matches_the_scheduler() -> None:
     sampler, scheduler = DDIMSampler(), build_ddim_scheduler()
     latents, noise, timesteps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.tensor([0, 500, 999])
-    torch.testing.assert_close(sampler.add_noise(latents, noise, timesteps), scheduler.add_noise(latents, noise, timesteps))
+    torch.testing.assert_close(
+        sampler.add_noise(latents, noise, timesteps), scheduler.add_noise(latents, noise, timesteps)
+    )
 
 
 @torch.no_grad()
@@ -81,8 +83,13 @@ def _train_sg_steps(sff_init: str, steps: int = 3) -> SemanticGuidedNetwork:
         latents, images, noise = torch.randn(2, 4, 16, 16), torch.randn(2, 3, 128, 128), torch.randn(2, 4, 16, 16)
         timesteps = torch.randint(0, 1000, (2,))
         residuals, mid = network(latents, timesteps, context, images)
-        prediction = unet(latents, timesteps, encoder_hidden_states=context, down_block_additional_residuals=residuals,
-                          mid_block_additional_residual=mid).sample
+        prediction = unet(
+            latents,
+            timesteps,
+            encoder_hidden_states=context,
+            down_block_additional_residuals=residuals,
+            mid_block_additional_residual=mid,
+        ).sample
         optimizer.zero_grad()
         torch.nn.functional.mse_loss(prediction, noise).backward()
         optimizer.step()
@@ -110,16 +117,25 @@ def test_sff_never_learns_with_the_official_zero_init() -> None:
 def test_only_the_deepest_skips_get_residuals() -> None:
     network = _train_sg_steps("default", steps=2)
     with torch.no_grad():
-        residuals, _ = network(torch.randn(1, 4, 16, 16), torch.tensor([500]), torch.randn(1, 8, 32),
-                               torch.randn(1, 3, 128, 128))
+        residuals, _ = network(
+            torch.randn(1, 4, 16, 16), torch.tensor([500]), torch.randn(1, 8, 32), torch.randn(1, 3, 128, 128)
+        )
     assert all(not residual.any() for residual in residuals[:9])
     assert all(residual.any() for residual in residuals[9:])
 
 
 def test_trainable_parameters_per_stage() -> None:
     model = DiADModel(**TINY)
-    trainable = {name.split(".")[0] + "." + name.split(".")[1] for name, p in model.named_parameters() if p.requires_grad}
-    assert {"sg_network.controlnet", "sg_network.sff", "unet.up_blocks", "unet.conv_norm_out", "unet.conv_out"} == trainable
+    trainable = {
+        name.split(".")[0] + "." + name.split(".")[1] for name, p in model.named_parameters() if p.requires_grad
+    }
+    assert {
+        "sg_network.controlnet",
+        "sg_network.sff",
+        "unet.up_blocks",
+        "unet.conv_norm_out",
+        "unet.conv_out",
+    } == trainable
     model.set_stage("autoencoder")
     assert {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad} == {"autoencoder"}
 
@@ -190,21 +206,21 @@ def test_offline_hub_weights_fail_fast_with_the_fix() -> None:
         load_pretrained_unet("someone/not-cached-sd15")
 
 
-def test_local_folder_without_unet_is_named(tmp_path) -> None:  # noqa: ANN001
+def test_local_folder_without_unet_is_named(tmp_path) -> None:
     from anomalib_diad.components.diffusers_models import load_pretrained_unet
 
     with pytest.raises(FileNotFoundError, match=f"'{tmp_path}' has no 'unet' folder"):
         load_pretrained_unet(str(tmp_path))
 
 
-def test_missing_autoencoder_checkpoint_is_named(tmp_path) -> None:  # noqa: ANN001
+def test_missing_autoencoder_checkpoint_is_named(tmp_path) -> None:
     model = DiAD(**TINY, diffusion_weights=None, pre_trained=False, autoencoder_checkpoint=str(tmp_path / "nope.ckpt"))
     with pytest.raises(FileNotFoundError, match="nope.ckpt' does not exist"):
         model.on_fit_start()
 
 
 def test_plugins_import_without_diffusers() -> None:
-    """With diffusers unimportable: OneNIP never needs it, anomalib_diad imports, and building DiAD says how to install it."""
+    """Without diffusers: OneNIP never needs it, anomalib_diad imports, and building DiAD says how to install it."""
     code = (
         "import sys, importlib.abc\n"
         "class Block(importlib.abc.MetaPathFinder):\n"
@@ -216,7 +232,8 @@ def test_plugins_import_without_diffusers() -> None:
         "import anomalib_diad\n"
         "from anomalib.models import DiAD\n"
         "try:\n"
-        "    DiAD(architecture='tiny', input_size=(128, 128), diffusion_weights=None, pre_trained=False, backbone='resnet18')\n"
+        "    DiAD(architecture='tiny', input_size=(128, 128), diffusion_weights=None, pre_trained=False,\n"
+        "         backbone='resnet18')\n"
         "except ImportError as error:\n"
         "    print(error)\n"
     )
@@ -241,3 +258,13 @@ def test_eval_path_exports_with_torch_export() -> None:
         expected, actual = model(images), exported.module()(images)
     torch.testing.assert_close(actual.pred_score, expected.pred_score)
     torch.testing.assert_close(actual.anomaly_map, expected.anomaly_map)
+
+
+def test_unusable_autoencoder_checkpoints_are_named(tmp_path) -> None:
+    garbage, foreign = tmp_path / "garbage.ckpt", tmp_path / "foreign.ckpt"
+    garbage.write_text("not a checkpoint")
+    torch.save({"state_dict": {"model.unet.conv_in.weight": torch.zeros(1)}}, foreign)
+    for path, message in ((garbage, "Cannot read autoencoder_checkpoint"), (foreign, "holds no DiAD autoencoder")):
+        model = DiAD(**TINY, diffusion_weights=None, pre_trained=False, autoencoder_checkpoint=str(path))
+        with pytest.raises(ValueError, match=message):
+            model.on_fit_start()

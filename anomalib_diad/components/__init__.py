@@ -6,4 +6,10 @@ from anomalib_diad.components.score_statistics import ScoreStatistics
 from anomalib_diad.components.sff import SpatialFeatureFusion
 from anomalib_diad.components.sg_network import SemanticGuidedNetwork
 
-__all__ = ["DDIMSampler", "FeatureDistanceAnomalyMap", "ScoreStatistics", "SemanticGuidedNetwork", "SpatialFeatureFusion"]
+__all__ = [
+    "DDIMSampler",
+    "FeatureDistanceAnomalyMap",
+    "ScoreStatistics",
+    "SemanticGuidedNetwork",
+    "SpatialFeatureFusion",
+]

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from anomalib.models.components import GaussianBlur2d
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F
 
 from anomalib_multiclass.backbone import build_feature_extractor
 
@@ -53,7 +53,9 @@ class FeatureDistanceAnomalyMap(nn.Module):
         for feature in features.values():
             original, reconstructed = feature.chunk(2)
             layer_distance = 1 - F.cosine_similarity(original, reconstructed, dim=1).unsqueeze(1)
-            distance = distance + F.interpolate(layer_distance, size=self.input_size, mode="bilinear", align_corners=True)
+            distance = distance + F.interpolate(
+                layer_distance, size=self.input_size, mode="bilinear", align_corners=True
+            )
         return distance
 
     def forward(self, images: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:

@@ -139,7 +139,7 @@ def build_autoencoder(name: str) -> torch.nn.Module:
 
 
 def build_controlnet(unet: torch.nn.Module, hint_channels: tuple[int, ...]) -> torch.nn.Module:
-    """DiAD's SG encoder: ``ControlNetModel.from_unet`` (copied encoder and middle block, zero convs, RGB hint encoder)."""
+    """DiAD's SG encoder: ``ControlNetModel.from_unet`` (encoder and middle block copies, zero convs, RGB hint)."""
     diffusers = import_diffusers()
     return diffusers.ControlNetModel.from_unet(
         unet,
@@ -148,7 +148,7 @@ def build_controlnet(unet: torch.nn.Module, hint_channels: tuple[int, ...]) -> t
     )
 
 
-def build_ddim_scheduler() -> Any:  # noqa: ANN401 - diffusers.DDIMScheduler, imported lazily
+def build_ddim_scheduler() -> Any:
     """DiAD's DDIM schedule (ldm's scaled-linear betas, 'leading' spacing with offset 1: 10 steps are 901, ..., 1)."""
     return import_diffusers().DDIMScheduler(
         num_train_timesteps=NUM_TRAIN_TIMESTEPS,
@@ -162,7 +162,7 @@ def build_ddim_scheduler() -> Any:  # noqa: ANN401 - diffusers.DDIMScheduler, im
     )
 
 
-def _load_part(model_class: type, source: str, subfolder: str, **kwargs: Any) -> Any:  # noqa: ANN401
+def _load_part(model_class: type, source: str, subfolder: str, **kwargs: Any) -> Any:
     """``model_class.from_pretrained(source, subfolder=...)`` from a local folder, the hub cache or the hub.
 
     Raises:

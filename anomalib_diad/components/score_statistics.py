@@ -36,7 +36,7 @@ class ScoreStatistics(nn.Module):
         mean = self.mean[category_index].view(-1, 1, 1, 1)
         return (anomaly_map - mean) / self.std[category_index].view(-1, 1, 1, 1)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         """Resize the buffers to the stored statistics before loading them."""
         for name in ("mean", "std"):
             stored = state_dict.get(prefix + name)

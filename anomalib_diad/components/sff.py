@@ -51,6 +51,8 @@ class SpatialFeatureFusion(nn.Module):
     def forward(self, sources: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Fuse the three sources ``[B, C_i, 2h, 2w]`` into each of the three targets ``[B, C, h, w]``."""
         return [
-            torch.nn.functional.silu(target + sum(branch(source) for branch, source in zip(branches, sources, strict=True)))
+            torch.nn.functional.silu(
+                target + sum(branch(source) for branch, source in zip(branches, sources, strict=True))
+            )
             for branches, target in zip(self.branches, targets, strict=True)
         ]

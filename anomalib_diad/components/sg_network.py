@@ -54,7 +54,9 @@ class SemanticGuidedNetwork(nn.Module):
             msg = f"Unknown inject_levels '{inject_levels}'. Choose 'deepest' (faithful) or 'all'."
             raise ValueError(msg)
         self.controlnet = build_controlnet(unet, hint_channels)
-        self.sff = SpatialFeatureFusion((channels[1], channels[2], channels[2]), channels[3], sff_init) if use_sff else None
+        self.sff = (
+            SpatialFeatureFusion((channels[1], channels[2], channels[2]), channels[3], sff_init) if use_sff else None
+        )
         self.inject_levels = inject_levels
 
     def forward(
