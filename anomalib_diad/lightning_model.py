@@ -220,9 +220,16 @@ class DiAD(AnomalibModule):
             self._load_pretrained_weights()
         if self.stage == "diffusion" and self.hparams.autoencoder_checkpoint:
             self._load_autoencoder(self.hparams.autoencoder_checkpoint)
+        elif self.stage == "diffusion" and not (self.hparams.pre_trained and self.hparams.diffusion_weights):
+            logger.warning(
+                "DiAD stage 2 without autoencoder_checkpoint or diffusion_weights: the autoencoder keeps random "
+                "weights. Train stage 1 first and give its checkpoint with --model.autoencoder_checkpoint."
+            )
         self.initial_weights_loaded.fill_(True)
 
     def _load_pretrained_weights(self) -> None:
+        """Backbone weights; from ``diffusion_weights`` the autoencoder (stage 1, or stage 2 without a stage-1
+        autoencoder) and, in stage 2, the UNet (copied into the SG network) and the empty-prompt embedding."""
         load_pretrained_backbone(
             self.model.anomaly_map.feature_extractor,
             self.hparams.backbone,
@@ -231,15 +238,18 @@ class DiAD(AnomalibModule):
         source = self.hparams.diffusion_weights
         if source is None:
             return
-        logger.info("DiAD: loading UNet, autoencoder and empty-prompt embedding from '%s'.", source)
+        if self.stage == "autoencoder" or not self.hparams.autoencoder_checkpoint:
+            logger.info("DiAD: loading the autoencoder of '%s'.", source)
+            autoencoder = load_pretrained_autoencoder(source)
+            self._load_part(self.model.autoencoder, autoencoder.state_dict(), f"the autoencoder of '{source}'")
+        if self.stage == "autoencoder":
+            return
+        logger.info("DiAD: loading the UNet and the empty-prompt embedding of '%s'.", source)
         unet = load_pretrained_unet(source)
         self._load_part(self.model.unet, unet.state_dict(), f"the UNet of '{source}'")
         controlnet = self.model.sg_network.controlnet
         for part in UNET_ENCODER_PARTS:  # the SG network starts as a copy of the UNet encoder
             getattr(controlnet, part).load_state_dict(getattr(self.model.unet, part).state_dict())
-        if self.stage == "autoencoder" or not self.hparams.autoencoder_checkpoint:
-            autoencoder = load_pretrained_autoencoder(source)
-            self._load_part(self.model.autoencoder, autoencoder.state_dict(), f"the autoencoder of '{source}'")
         context = empty_prompt_embedding(source)
         if context.shape[-1] != self.model.context.shape[-1]:
             expected = self.model.context.shape[-1]
