@@ -268,3 +268,17 @@ def test_unusable_autoencoder_checkpoints_are_named(tmp_path) -> None:
         model = DiAD(**TINY, diffusion_weights=None, pre_trained=False, autoencoder_checkpoint=str(path))
         with pytest.raises(ValueError, match=message):
             model.on_fit_start()
+
+
+def test_sd15_architecture_has_the_official_parameter_counts() -> None:
+    """SD-1.5 UNet 859.52 M, KL-f8 autoencoder 83.65 M, SG network 361.28 M, SFF 110.59 M (built on the meta device)."""
+    from anomalib_diad.components.diffusers_models import build_autoencoder
+
+    def millions(module: torch.nn.Module) -> float:
+        return round(sum(parameter.numel() for parameter in module.parameters()) / 1e6, 2)
+
+    with torch.device("meta"):
+        unet, autoencoder = build_unet("sd15"), build_autoencoder("sd15")
+        network = SemanticGuidedNetwork(unet, (16, 32, 96, 256))
+    assert (millions(unet), millions(autoencoder)) == (859.52, 83.65)
+    assert (millions(network.controlnet), millions(network.sff)) == (361.28, 110.59)
