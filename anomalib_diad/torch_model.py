@@ -1,0 +1,272 @@
+"""DiAD torch model: pixel-space autoencoder, SG-guided latent diffusion reconstruction, feature-space anomaly map.
+
+Shapes: images ``[B, 3, H, W]`` (normalised with the backbone's mean and std, as the paper's
+ImageNet normalisation); latents ``[B, 4, H/8, W/8]``; text context ``[B, L, D]`` (SD-1.5:
+``L = 77``, ``D = 768``); anomaly maps ``[B, 1, H, W]``; scores ``[B]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from anomalib.data import InferenceBatch
+from torch import nn
+
+from anomalib_diad.components import DDIMSampler, FeatureDistanceAnomalyMap, ScoreStatistics, SemanticGuidedNetwork
+from anomalib_diad.components.diffusers_models import (
+    NUM_TRAIN_TIMESTEPS,
+    architecture_config,
+    build_autoencoder,
+    build_unet,
+)
+
+STAGES = ("autoencoder", "diffusion")
+POSTERIORS = ("sample", "mode")
+LATENT_STRIDE = 8
+MIN_INPUT_SIZE = 128
+INPUT_MULTIPLE = 64  # the autoencoder's x8 times the UNet's three x2 downsamplings
+
+
+class AutoencoderOutput(NamedTuple):
+    """Stage-1 training output for ``B`` images.
+
+    Attributes:
+        reconstruction: decoded posterior sample ``[B, 3, H, W]``.
+        kl: KL divergence of each posterior to N(0, I), summed over latent elements ``[B]``.
+        perceptual: mean feature distance between images and reconstructions (a scalar), or None.
+    """
+
+    reconstruction: torch.Tensor
+    kl: torch.Tensor
+    perceptual: torch.Tensor | None
+
+
+class DiffusionOutput(NamedTuple):
+    """Stage-2 training output: predicted and true noise, both ``[B, 4, H/8, W/8]``."""
+
+    noise_prediction: torch.Tensor
+    noise: torch.Tensor
+
+
+class DiADModel(nn.Module):
+    """DiAD: reconstruct an image through SG-guided latent diffusion and compare features.
+
+    Args:
+        architecture: ``"sd15"`` (paper), ``"small"`` or ``"tiny"`` (see
+            :mod:`anomalib_diad.components.diffusers_models`); weights are random until loaded.
+        input_size: image size ``(H, W)``, multiples of 64, at least 128 (paper: 256).
+        stage: ``"autoencoder"`` (stage 1: the autoencoder trains; evaluation scores its plain
+            reconstruction) or ``"diffusion"`` (stage 2: the SG network and UNet decoder train;
+            evaluation runs the DDIM reconstruction).
+        backbone, layers: frozen timm CNN of the anomaly map (paper: resnet50, layer1-3).
+        sff_init, use_sff, inject_levels: see :class:`SemanticGuidedNetwork`.
+        train_unet_decoder: train the UNet's up blocks and output layers (paper: True).
+        ddim_steps, noise_timestep: see :class:`DDIMSampler` (paper: 10, 999).
+        guidance_scale: classifier-free guidance with the same empty prompt and hint as the
+            conditional branch; the official 9.0 is mathematically a no-op that doubles compute,
+            so the default 1.0 skips it.
+        posterior: latent of an image: ``"sample"`` (paper) or ``"mode"`` of the autoencoder posterior.
+        sigma, score_pool_size, score_pool_repeats: see :class:`FeatureDistanceAnomalyMap`.
+        normalize_per_category: standardise map and score with the score statistics of each
+            category's normal training images (:class:`ScoreStatistics`); False returns the raw map.
+        seed: seed of the fixed evaluation noise (posterior sample and ``x_T``), so an image
+            always gets the same score, and of the random text context of the small architectures.
+    """
+
+    def __init__(
+        self,
+        architecture: str = "sd15",
+        input_size: Sequence[int] = (256, 256),
+        stage: str = "diffusion",
+        backbone: str = "resnet50",
+        layers: Sequence[int | str] = ("layer1", "layer2", "layer3"),
+        sff_init: str = "default",
+        use_sff: bool = True,
+        inject_levels: str = "deepest",
+        train_unet_decoder: bool = True,
+        ddim_steps: int = 10,
+        noise_timestep: int = 999,
+        guidance_scale: float = 1.0,
+        posterior: str = "sample",
+        sigma: float = 5.0,
+        score_pool_size: int = 8,
+        score_pool_repeats: int = 8,
+        normalize_per_category: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        height, width = (int(size) for size in input_size)
+        if height % INPUT_MULTIPLE or width % INPUT_MULTIPLE or min(height, width) < MIN_INPUT_SIZE:
+            msg = (
+                f"input_size {tuple(input_size)} does not fit DiAD: height and width must be multiples of "
+                f"{INPUT_MULTIPLE} and at least {MIN_INPUT_SIZE} (e.g. 128 or 256)."
+            )
+            raise ValueError(msg)
+        if stage not in STAGES:
+            msg = f"Unknown stage '{stage}'. Choose 'autoencoder' (stage 1) or 'diffusion' (stage 2)."
+            raise ValueError(msg)
+        if posterior not in POSTERIORS:
+            msg = f"Unknown posterior '{posterior}'. Choose 'sample' (paper) or 'mode'."
+            raise ValueError(msg)
+        config = architecture_config(architecture)
+        self.input_size = (height, width)
+        self.stage = stage
+        self.autoencoder = build_autoencoder(architecture)
+        self.unet = build_unet(architecture)
+        self.sg_network = SemanticGuidedNetwork(
+            self.unet,
+            config["hint_channels"],
+            sff_init=sff_init,
+            use_sff=use_sff,
+            inject_levels=inject_levels,
+        )
+        self.sampler = DDIMSampler(ddim_steps, noise_timestep)
+        self.anomaly_map = FeatureDistanceAnomalyMap(
+            backbone, layers, self.input_size, sigma, score_pool_size, score_pool_repeats
+        )
+        self.score_statistics = ScoreStatistics()
+        generator = torch.Generator().manual_seed(seed)
+        context_shape = (1, config["context_length"], config["unet"]["cross_attention_dim"])
+        # The empty-prompt embedding: random for the small architectures, CLIP's for pretrained SD-1.5 (set once).
+        self.register_buffer("context", torch.randn(context_shape, generator=generator))
+        latent_shape = (2, self.autoencoder.config.latent_channels, height // LATENT_STRIDE, width // LATENT_STRIDE)
+        self.register_buffer("evaluation_noise", torch.randn(latent_shape, generator=generator), persistent=False)
+        self.train_unet_decoder = train_unet_decoder
+        self.guidance_scale = guidance_scale
+        self.posterior = posterior
+        self.normalize_per_category = normalize_per_category
+        self.set_stage(stage)
+
+    def set_stage(self, stage: str) -> None:
+        """Freeze everything but the stage's trained parts: the autoencoder (stage 1) or SG network + UNet decoder."""
+        self.stage = stage
+        self.requires_grad_(False)
+        if stage == "autoencoder":
+            self.autoencoder.requires_grad_(True)
+            return
+        self.sg_network.requires_grad_(True)
+        if self.train_unet_decoder:
+            for part in (self.unet.up_blocks, self.unet.conv_norm_out, self.unet.conv_out):
+                part.requires_grad_(True)
+
+    def train(self, mode: bool = True) -> DiADModel:
+        """Set the training mode; the scoring backbone always stays in eval mode (frozen batch norm)."""
+        super().train(mode)
+        self.anomaly_map.eval()
+        return self
+
+    @property
+    def latent_scale(self) -> float:
+        """The autoencoder's latent scaling factor (SD: 0.18215)."""
+        return float(self.autoencoder.config.scaling_factor)
+
+    def check_images(self, images: torch.Tensor) -> None:
+        """Raise a ValueError naming the expected shape if ``images`` is not ``[B, 3, H, W]`` at ``input_size``."""
+        if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != self.input_size:
+            msg = (
+                f"DiAD expects normalised RGB images [B, 3, {self.input_size[0]}, {self.input_size[1]}], got "
+                f"{tuple(images.shape)}; resize to the model's input_size first (the pre-processor does)."
+            )
+            raise ValueError(msg)
+
+    def encode(self, images: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Scaled latents ``z_0`` ``[B, 4, h, w]``: the posterior mode, or a sample with ``noise`` (random if None)."""
+        distribution = self.autoencoder.encode(images).latent_dist
+        if self.posterior == "mode":
+            latents = distribution.mean
+        else:
+            noise = torch.randn_like(distribution.mean) if noise is None else noise
+            latents = distribution.mean + distribution.std * noise
+        return latents * self.latent_scale
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` from scaled latents ``[B, 4, h, w]``."""
+        return self.autoencoder.decode(latents / self.latent_scale).sample
+
+    def predict_noise(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """``eps_theta(z_t, t, c, x)`` ``[B, 4, h, w]``: the UNet with the SG residuals of the hint ``images``."""
+        if self.guidance_scale != 1.0:
+            doubled = self._denoise(noisy_latents.repeat(2, 1, 1, 1), timesteps.repeat(2), images.repeat(2, 1, 1, 1))
+            unconditional, conditional = doubled.chunk(2)
+            return unconditional + self.guidance_scale * (conditional - unconditional)
+        return self._denoise(noisy_latents, timesteps, images)
+
+    def _denoise(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        context = self.context.expand(noisy_latents.shape[0], -1, -1)
+        down_residuals, mid_residual = self.sg_network(noisy_latents, timesteps, context, images)
+        return self.unet(
+            noisy_latents,
+            timesteps,
+            encoder_hidden_states=context,
+            down_block_additional_residuals=down_residuals,
+            mid_block_additional_residual=mid_residual,
+        ).sample
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        category_index: torch.Tensor | None = None,
+        compute_perceptual: bool = False,
+    ) -> AutoencoderOutput | DiffusionOutput | InferenceBatch:
+        """Training: the stage's :class:`AutoencoderOutput` or :class:`DiffusionOutput`; eval: :class:`InferenceBatch`.
+
+        Args:
+            images: normalised images ``[B, 3, H, W]``.
+            category_index: (inference) category of each image ``[B]`` for the score statistics,
+                or None to use the statistics of all categories.
+            compute_perceptual: (stage-1 training) also return the feature distance.
+        """
+        self.check_images(images)
+        if not self.training:
+            return self.predict(images, category_index)
+        if self.stage == "autoencoder":
+            return self.autoencoder_training_forward(images, compute_perceptual)
+        return self.diffusion_training_forward(images)
+
+    def autoencoder_training_forward(self, images: torch.Tensor, compute_perceptual: bool) -> AutoencoderOutput:
+        """Encode (posterior sample) and decode ``images``."""
+        distribution = self.autoencoder.encode(images).latent_dist
+        reconstruction = self.autoencoder.decode(distribution.sample()).sample
+        perceptual = self.anomaly_map.distance_map(images, reconstruction).mean() if compute_perceptual else None
+        return AutoencoderOutput(reconstruction, distribution.kl(), perceptual)
+
+    def diffusion_training_forward(self, images: torch.Tensor) -> DiffusionOutput:
+        """Noise the latents of ``images`` to ``t ~ U{0, ..., 999}`` and predict the noise."""
+        with torch.no_grad():
+            latents = self.encode(images)
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, NUM_TRAIN_TIMESTEPS, (latents.shape[0],), device=latents.device)
+        noisy_latents = self.sampler.add_noise(latents, noise, timesteps)
+        return DiffusionOutput(self.predict_noise(noisy_latents, timesteps, images), noise)
+
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """Reconstruction ``[B, 3, H, W]`` with the fixed evaluation noise.
+
+        Stage 2: ``x_hat = D(DDIM(noise(E(x), 999), hint x))``; stage 1: ``x_hat = D(E(x))``.
+        """
+        batch_size = images.shape[0]
+        posterior_noise, start_noise = (noise.expand(batch_size, -1, -1, -1) for noise in self.evaluation_noise)
+        latents = self.encode(images, posterior_noise)
+        if self.stage == "autoencoder":
+            return self.decode(latents)
+        start = self.sampler.noise_to_start(latents, start_noise)
+        denoised = self.sampler.sample(start, lambda noisy, timesteps: self.predict_noise(noisy, timesteps, images))
+        return self.decode(denoised)
+
+    def raw_anomaly_map(self, images: torch.Tensor) -> torch.Tensor:
+        """The paper's anomaly map ``[B, 1, H, W]`` (not standardised)."""
+        return self.anomaly_map(images, self.reconstruct(images))
+
+    def predict(self, images: torch.Tensor, category_index: torch.Tensor | None = None) -> InferenceBatch:
+        """Anomaly map ``[B, 1, H, W]`` and image score ``[B]``.
+
+        With ``normalize_per_category`` the map is standardised with the image-score statistics
+        of the category's normal training images, ``(A - mean_c) / std_c``: monotone per
+        category (per-category metrics are those of the raw map), and comparable across categories.
+        """
+        anomaly_map = self.raw_anomaly_map(images)
+        if self.normalize_per_category:
+            anomaly_map = self.score_statistics.standardize(anomaly_map, category_index)
+        return InferenceBatch(pred_score=self.anomaly_map.image_score(anomaly_map), anomaly_map=anomaly_map)

@@ -1,0 +1,165 @@
+"""DiAD end to end: both stages through the anomalib CLI in subprocesses, then the checkpoint in Python."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+pytestmark = pytest.mark.slow
+
+CATEGORIES = ["brick", "gravel"]
+TINY_MODEL = {
+    "architecture": "tiny",
+    "input_size": [128, 128],
+    "diffusion_weights": None,
+    "pre_trained": False,
+    "backbone": "resnet18",
+    "ddim_steps": 1,
+    "calibration_images_per_category": 2,
+    "visualizer": False,
+}
+TRAINER_ARGS = ["--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]
+
+
+def _anomalib(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    executable = Path(sys.executable).with_name("anomalib")
+    command = [str(executable)] if executable.exists() else [shutil.which("anomalib") or "anomalib"]
+    result = subprocess.run(
+        [*command, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    return result
+
+
+def _flag(value: object) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _data_args(root: Path) -> list[str]:
+    return [
+        "--data",
+        "MultiClassAD",
+        "--data.root",
+        str(root),
+        "--data.categories",
+        _flag(CATEGORIES),
+        "--data.num_workers",
+        "0",
+        "--data.train_batch_size",
+        "8",
+        "--data.eval_batch_size",
+        "16",
+    ]
+
+
+@pytest.fixture(scope="module")
+def two_stage_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Stage 1 with the short name and flags, stage 2 from a YAML ``class_path`` loading stage 1's autoencoder."""
+    work = tmp_path_factory.mktemp("diad_cli")
+    model_flags = [item for key, value in TINY_MODEL.items() for item in (f"--model.{key}", _flag(value))]
+    stage1 = _anomalib(
+        [
+            "train",
+            "--model",
+            "DiAD",
+            *model_flags,
+            "--model.stage",
+            "autoencoder",
+            *_data_args(tiny_dataset),
+            *TRAINER_ARGS,
+            "--default_root_dir",
+            "stage1",
+        ],
+        work,
+    )
+    stage1_run = work / "stage1" / "DiAD" / tiny_dataset.name / "+".join(CATEGORIES) / "latest"
+    stage1_checkpoint = stage1_run / "weights" / "lightning" / "model.ckpt"
+    init_args = "".join(f"    {key}: {json.dumps(value)}\n" for key, value in TINY_MODEL.items())
+    config = work / "stage2.yaml"
+    config.write_text(
+        f"model:\n  class_path: anomalib_diad.DiAD\n  init_args:\n{init_args}"
+        f"    stage: diffusion\n    autoencoder_checkpoint: {stage1_checkpoint}\n"
+        f"data:\n  class_path: anomalib_multiclass.MultiClassAD\n  init_args:\n    root: {tiny_dataset}\n"
+        f"    categories: {json.dumps(CATEGORIES)}\n    num_workers: 0\n"
+        "    train_batch_size: 8\n    eval_batch_size: 16\n"
+        "trainer:\n  max_epochs: 1\n  accelerator: cpu\n  enable_progress_bar: false\ndefault_root_dir: stage2\n"
+    )
+    stage2 = _anomalib(["train", "-c", str(config)], work)
+    stage2_run = work / "stage2" / "DiAD" / tiny_dataset.name / "+".join(CATEGORIES) / "latest"
+    return {
+        "stage1": stage1_run,
+        "stage2": stage2_run,
+        "stage1_stdout": stage1.stdout,
+        "stage2_stdout": stage2.stdout,
+        "data": tiny_dataset,
+    }
+
+
+def test_both_stages_train_and_report_per_category_metrics(two_stage_run: dict) -> None:
+    for stage in ("stage1", "stage2"):
+        run = two_stage_run[stage]
+        assert (run / "weights" / "lightning" / "model.ckpt").is_file()
+        assert "anomalib_diad.DiAD" in (run / "config.yaml").read_text()
+        metrics = json.loads((run / "metrics_per_category.json").read_text())
+        assert set(metrics) == {*CATEGORIES, "mean"}
+        assert all(0.0 <= value <= 1.0 for value in metrics["mean"].values())
+        assert "Per-category test metrics" in two_stage_run[f"{stage}_stdout"]
+
+
+def test_stage_two_uses_and_keeps_stage_one_autoencoder(two_stage_run: dict) -> None:
+    stage1 = torch.load(two_stage_run["stage1"] / "weights/lightning/model.ckpt", map_location="cpu", weights_only=True)
+    stage2 = torch.load(two_stage_run["stage2"] / "weights/lightning/model.ckpt", map_location="cpu", weights_only=True)
+    autoencoder_keys = [key for key in stage1["state_dict"] if key.startswith("model.autoencoder.")]
+    assert autoencoder_keys
+    for key in autoencoder_keys:
+        torch.testing.assert_close(stage2["state_dict"][key], stage1["state_dict"][key], rtol=0, atol=0)
+    assert stage2["hyper_parameters"]["stage"] == "diffusion"
+    assert stage2["diad_category_names"] == CATEGORIES
+    assert stage2["state_dict"]["model.score_statistics.mean"].shape == (len(CATEGORIES) + 1,)
+
+
+def test_checkpoint_round_trip_gives_identical_scores(two_stage_run: dict, tmp_path: Path) -> None:
+    """The reloaded model reproduces the CLI run's metrics exactly; saving and reloading again keeps every score."""
+    from anomalib.engine import Engine
+
+    from anomalib_diad import DiAD
+    from anomalib_multiclass import MultiClassAD
+
+    checkpoint = two_stage_run["stage2"] / "weights" / "lightning" / "model.ckpt"
+    model = DiAD.load_from_checkpoint(checkpoint, pre_trained=False)
+    assert model.category_names == CATEGORIES
+    datamodule = MultiClassAD(root=two_stage_run["data"], categories=CATEGORIES, num_workers=0, eval_batch_size=16)
+    engine = Engine(accelerator="cpu", default_root_dir=tmp_path, enable_progress_bar=False)
+    results = engine.test(model=model, datamodule=datamodule)[0]
+    expected = json.loads((two_stage_run["stage2"] / "metrics_per_category.json").read_text())
+    for category, values in expected.items():
+        for name, value in values.items():
+            assert results[f"{category}/{name}"] == pytest.approx(value, abs=1e-6), (category, name)
+
+    images = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    category_index = torch.tensor([0, 1])
+    model.model.eval()
+    with torch.no_grad():
+        before = model.model(images, category_index=category_index)
+    engine.trainer.save_checkpoint(tmp_path / "again.ckpt")
+    reloaded = DiAD.load_from_checkpoint(tmp_path / "again.ckpt", pre_trained=False).model.eval()
+    with torch.no_grad():
+        after = reloaded(images, category_index=category_index)
+    torch.testing.assert_close(after.pred_score, before.pred_score, rtol=0, atol=0)
+    torch.testing.assert_close(after.anomaly_map, before.anomaly_map, rtol=0, atol=0)
+    assert not torch.equal(before.pred_score[0], before.pred_score[1])

@@ -1,0 +1,284 @@
+"""DiAD's building blocks on the tiny random architecture: sampler, SG network, SFF, anomaly map, errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from anomalib_diad import DiAD
+from anomalib_diad.components import DDIMSampler, FeatureDistanceAnomalyMap, SemanticGuidedNetwork
+from anomalib_diad.components.diffusers_models import build_ddim_scheduler, build_unet
+from anomalib_diad.torch_model import DiADModel
+
+TINY = {"architecture": "tiny", "input_size": (128, 128), "backbone": "resnet18", "ddim_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> DiADModel:
+    torch.manual_seed(0)
+    return DiADModel(**TINY).eval()
+
+
+def test_ddim_timesteps_are_the_official_ones() -> None:
+    sampler = DDIMSampler(num_steps=10, noise_timestep=999)
+    assert sampler.timesteps.tolist() == [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]
+    assert sampler.alphas_cumprod[999].item() == pytest.approx(0.00466, abs=2e-5)
+    assert sampler.alphas_previous[-1].item() == pytest.approx(sampler.alphas_cumprod[0].item())
+
+
+@torch.no_grad()
+def test_sampler_agrees_with_a_plain_diffusers_ddim_loop(tiny_model: DiADModel) -> None:
+    """Same start latent and denoiser: our fixed-tensor loop and DDIMScheduler.add_noise/step give the same latent."""
+    images = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    sampler = DDIMSampler(num_steps=4, noise_timestep=999)
+
+    def denoiser(noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return tiny_model.predict_noise(noisy, timesteps, images)
+
+    ours = sampler.sample(sampler.noise_to_start(latents, noise), denoiser)
+
+    scheduler = build_ddim_scheduler()
+    scheduler.set_timesteps(4)
+    reference = scheduler.add_noise(latents, noise, torch.tensor([999]))
+    for timestep in scheduler.timesteps:
+        epsilon = denoiser(reference, timestep.expand(2))
+        reference = scheduler.step(epsilon, timestep, reference, eta=0.0).prev_sample
+    assert scheduler.timesteps.tolist() == [751, 501, 251, 1]
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(ours, latents, atol=1e-2), "the loop must actually change the latent"
+
+
+def test_training_noise_matches_the_scheduler() -> None:
+    sampler, scheduler = DDIMSampler(), build_ddim_scheduler()
+    latents, noise, timesteps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.tensor([0, 500, 999])
+    torch.testing.assert_close(
+        sampler.add_noise(latents, noise, timesteps), scheduler.add_noise(latents, noise, timesteps)
+    )
+
+
+@torch.no_grad()
+def test_sg_residuals_start_at_zero_so_the_unet_is_unchanged(tiny_model: DiADModel) -> None:
+    latents, images = torch.randn(2, 4, 16, 16), torch.randn(2, 3, 128, 128)
+    timesteps = torch.tensor([10, 900])
+    residuals, mid = tiny_model.sg_network(latents, timesteps, tiny_model.context.expand(2, -1, -1), images)
+    assert len(residuals) == 12 and all(not residual.any() for residual in residuals) and not mid.any()
+    plain = tiny_model.unet(latents, timesteps, encoder_hidden_states=tiny_model.context.expand(2, -1, -1)).sample
+    torch.testing.assert_close(tiny_model.predict_noise(latents, timesteps, images), plain)
+
+
+def _train_sg_steps(sff_init: str, steps: int = 3) -> SemanticGuidedNetwork:
+    torch.manual_seed(0)
+    unet = build_unet("tiny").requires_grad_(False)
+    network = SemanticGuidedNetwork(unet, (8, 16, 32, 32), sff_init=sff_init)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-3)
+    context = torch.randn(2, 8, 32)
+    for _ in range(steps):
+        latents, images, noise = torch.randn(2, 4, 16, 16), torch.randn(2, 3, 128, 128), torch.randn(2, 4, 16, 16)
+        timesteps = torch.randint(0, 1000, (2,))
+        residuals, mid = network(latents, timesteps, context, images)
+        prediction = unet(
+            latents,
+            timesteps,
+            encoder_hidden_states=context,
+            down_block_additional_residuals=residuals,
+            mid_block_additional_residual=mid,
+        ).sample
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(prediction, noise).backward()
+        optimizer.step()
+    return network
+
+
+def _sff_weights(network: SemanticGuidedNetwork) -> list[torch.Tensor]:
+    return [branch[0].weight for branches in network.sff.branches for branch in branches]
+
+
+def test_sff_learns_by_default() -> None:
+    network = _train_sg_steps("default")
+    assert all(weight.grad is not None and weight.grad.abs().sum() > 0 for weight in _sff_weights(network))
+    assert network.controlnet.controlnet_down_blocks[6].weight.abs().sum() > 0, "zero conv 6 (an SFF source) learns"
+
+
+def test_sff_never_learns_with_the_official_zero_init() -> None:
+    network = _train_sg_steps("zero")
+    assert all(not weight.any() and not weight.grad.any() for weight in _sff_weights(network))
+    for index in (6, 7, 8):  # SFF's sources: their zero convs receive no gradient either
+        assert not network.controlnet.controlnet_down_blocks[index].weight.any()
+    assert network.controlnet.controlnet_down_blocks[9].weight.abs().sum() > 0, "the deepest zero convs do learn"
+
+
+def test_only_the_deepest_skips_get_residuals() -> None:
+    network = _train_sg_steps("default", steps=2)
+    with torch.no_grad():
+        residuals, _ = network(
+            torch.randn(1, 4, 16, 16), torch.tensor([500]), torch.randn(1, 8, 32), torch.randn(1, 3, 128, 128)
+        )
+    assert all(not residual.any() for residual in residuals[:9])
+    assert all(residual.any() for residual in residuals[9:])
+
+
+def test_trainable_parameters_per_stage() -> None:
+    model = DiADModel(**TINY)
+    trainable = {
+        name.split(".")[0] + "." + name.split(".")[1] for name, p in model.named_parameters() if p.requires_grad
+    }
+    assert {
+        "sg_network.controlnet",
+        "sg_network.sff",
+        "unet.up_blocks",
+        "unet.conv_norm_out",
+        "unet.conv_out",
+    } == trainable
+    model.set_stage("autoencoder")
+    assert {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad} == {"autoencoder"}
+
+
+def test_image_score_and_gaussian_kernel() -> None:
+    scorer = FeatureDistanceAnomalyMap("resnet18", ["layer1", "layer2", "layer3"], (128, 128), sigma=5.0)
+    assert scorer.blur.kernel.shape[-1] == 41
+    anomaly_map = torch.zeros(2, 1, 128, 128)
+    anomaly_map[1, :, 40:104, 40:104] = 1.0  # a 64x64 square: fully covers the 57x57 receptive field of 8 poolings
+    assert scorer.image_score(anomaly_map).tolist() == pytest.approx([0.0, 1.0])
+    anomaly_map[1, :, 40:104, 40:104] = 0.0
+    anomaly_map[1, :, 64, 64] = 1.0  # a single pixel is averaged away almost completely
+    assert 0 < scorer.image_score(anomaly_map)[1].item() < 1e-2
+
+
+@torch.no_grad()
+def test_an_image_gets_the_same_score_alone_and_in_a_batch(tiny_model: DiADModel) -> None:
+    images = torch.randn(3, 3, 128, 128, generator=torch.Generator().manual_seed(4))
+    batch = tiny_model(images)
+    alone = tiny_model(images[1:2])
+    assert batch.pred_score.shape == (3,) and batch.anomaly_map.shape == (3, 1, 128, 128)
+    torch.testing.assert_close(alone.pred_score, batch.pred_score[1:2])
+    torch.testing.assert_close(tiny_model(images).pred_score, batch.pred_score)
+
+
+def test_guidance_with_identical_branches_is_a_no_op(tiny_model: DiADModel) -> None:
+    latents, images, timesteps = torch.randn(2, 4, 16, 16), torch.randn(2, 3, 128, 128), torch.tensor([901, 1])
+    with torch.no_grad():
+        plain = tiny_model.predict_noise(latents, timesteps, images)
+        tiny_model.guidance_scale = 9.0
+        guided = tiny_model.predict_noise(latents, timesteps, images)
+        tiny_model.guidance_scale = 1.0
+    torch.testing.assert_close(guided, plain, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"input_size": (96, 96)}, "multiples of 64"),
+        ({"input_size": (64, 64)}, "at least 128"),
+        ({"architecture": "huge"}, "Unknown DiAD architecture 'huge'"),
+        ({"sff_init": "ones"}, "Unknown sff_init 'ones'"),
+        ({"inject_levels": "some"}, "Unknown inject_levels 'some'"),
+        ({"stage": "both"}, "Unknown stage 'both'"),
+        ({"posterior": "mean"}, "Unknown posterior 'mean'"),
+        ({"ddim_steps": 0}, "ddim_steps must be in"),
+    ],
+)
+def test_bad_arguments_are_named(overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        DiADModel(**{**TINY, **overrides})
+
+
+def test_wrong_image_size_is_named(tiny_model: DiADModel) -> None:
+    with pytest.raises(ValueError, match=r"\[B, 3, 128, 128\], got \(1, 3, 256, 256\)"):
+        tiny_model(torch.zeros(1, 3, 256, 256))
+
+
+def test_sd15_without_weights_is_refused() -> None:
+    with pytest.raises(ValueError, match="needs diffusion_weights"):
+        DiAD(architecture="sd15", diffusion_weights=None)
+
+
+def test_offline_hub_weights_fail_fast_with_the_fix() -> None:
+    from anomalib_diad.components.diffusers_models import load_pretrained_unet
+
+    with pytest.raises(RuntimeError, match="--model.diffusion_weights /path/to/stable-diffusion-v1-5"):
+        load_pretrained_unet("someone/not-cached-sd15")
+
+
+def test_local_folder_without_unet_is_named(tmp_path) -> None:
+    from anomalib_diad.components.diffusers_models import load_pretrained_unet
+
+    with pytest.raises(FileNotFoundError, match=f"'{tmp_path}' has no 'unet' folder"):
+        load_pretrained_unet(str(tmp_path))
+
+
+def test_missing_autoencoder_checkpoint_is_named(tmp_path) -> None:
+    model = DiAD(**TINY, diffusion_weights=None, pre_trained=False, autoencoder_checkpoint=str(tmp_path / "nope.ckpt"))
+    with pytest.raises(FileNotFoundError, match="nope.ckpt' does not exist"):
+        model.on_fit_start()
+
+
+def test_plugins_import_without_diffusers() -> None:
+    """Without diffusers: OneNIP never needs it, anomalib_diad imports, and building DiAD says how to install it."""
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'diffusers' or name.startswith('diffusers.'):\n"
+        "            raise ImportError('blocked')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import anomalib_onenip\n"
+        "import anomalib_diad\n"
+        "from anomalib.models import DiAD\n"
+        "try:\n"
+        "    DiAD(architecture='tiny', input_size=(128, 128), diffusion_weights=None, pre_trained=False,\n"
+        "         backbone='resnet18')\n"
+        "except ImportError as error:\n"
+        "    print(error)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'pip install "anomalib-multiclass-models[diad]"' in result.stdout
+
+
+def test_importing_onenip_does_not_import_diffusers() -> None:
+    code = "import anomalib_onenip, anomalib.models, sys; print('diffusers' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "False"
+
+
+def test_eval_path_exports_with_torch_export() -> None:
+    """The whole anomalib forward (pre-processing, fixed-length DDIM loop, scoring, post-processing) traces."""
+    model = DiAD(**TINY, diffusion_weights=None, pre_trained=False, visualizer=False).eval()
+    images = torch.rand(1, 3, 128, 128)
+    exported = torch.export.export(model, (images,))
+    with torch.no_grad():
+        expected, actual = model(images), exported.module()(images)
+    torch.testing.assert_close(actual.pred_score, expected.pred_score)
+    torch.testing.assert_close(actual.anomaly_map, expected.anomaly_map)
+
+
+def test_unusable_autoencoder_checkpoints_are_named(tmp_path) -> None:
+    garbage, foreign = tmp_path / "garbage.ckpt", tmp_path / "foreign.ckpt"
+    garbage.write_text("not a checkpoint")
+    torch.save({"state_dict": {"model.unet.conv_in.weight": torch.zeros(1)}}, foreign)
+    for path, message in ((garbage, "Cannot read autoencoder_checkpoint"), (foreign, "holds no DiAD autoencoder")):
+        model = DiAD(**TINY, diffusion_weights=None, pre_trained=False, autoencoder_checkpoint=str(path))
+        with pytest.raises(ValueError, match=message):
+            model.on_fit_start()
+
+
+def test_sd15_architecture_has_the_official_parameter_counts() -> None:
+    """SD-1.5 UNet 859.52 M, KL-f8 autoencoder 83.65 M, SG network 361.28 M, SFF 110.59 M (built on the meta device)."""
+    from anomalib_diad.components.diffusers_models import build_autoencoder
+
+    def millions(module: torch.nn.Module) -> float:
+        return round(sum(parameter.numel() for parameter in module.parameters()) / 1e6, 2)
+
+    with torch.device("meta"):
+        unet, autoencoder = build_unet("sd15"), build_autoencoder("sd15")
+        network = SemanticGuidedNetwork(unet, (16, 32, 96, 256))
+    assert (millions(unet), millions(autoencoder)) == (859.52, 83.65)
+    assert (millions(network.controlnet), millions(network.sff)) == (361.28, 110.59)
