@@ -31,11 +31,9 @@ from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models import AnomalibModule
-from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
-from torchvision.transforms import v2
 
 from anomalib_diad.components.diffusers_models import (
     empty_prompt_embedding,
@@ -44,13 +42,11 @@ from anomalib_diad.components.diffusers_models import (
 )
 from anomalib_diad.loss import AutoencoderLoss, DiffusionLoss
 from anomalib_diad.torch_model import DiADModel
-from anomalib_multiclass import PerCategoryEvaluator
-from anomalib_multiclass.backbone import backbone_normalization, load_pretrained_backbone
+from anomalib_multiclass.components import UnifiedModelComponents
+from anomalib_multiclass.backbone import load_pretrained_backbone
 
 logger = logging.getLogger(__name__)
 
-CATEGORIES_KEY = "diad_category_names"
-DEFAULT_CATEGORY = "default"
 SD15_WEIGHTS = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # Stage defaults of the official code: learning rate and gradient accumulation.
 STAGE_LR = {"autoencoder": 1.8e-4, "diffusion": 1e-5}
@@ -58,7 +54,7 @@ STAGE_ACCUMULATION = {"autoencoder": 8, "diffusion": 4}
 UNET_ENCODER_PARTS = ("conv_in", "time_proj", "time_embedding", "down_blocks", "mid_block")
 
 
-class DiAD(AnomalibModule):
+class DiAD(UnifiedModelComponents, AnomalibModule):
     """DiAD: multi-class anomaly detection by SG-guided latent diffusion reconstruction.
 
     Args:
@@ -170,22 +166,6 @@ class DiAD(AnomalibModule):
         self.register_buffer("initial_weights_loaded", torch.tensor(False))
         self.register_buffer("calibration_step", torch.tensor(-1))
         self.category_names: list[str] = []
-
-    @classmethod
-    def configure_pre_processor(
-        cls,
-        image_size: tuple[int, int] | None = None,
-        backbone: str = "resnet50",
-    ) -> PreProcessor:
-        """Resize to ``image_size`` (default 256x256), normalise with the backbone's mean and std (paper: ImageNet)."""
-        mean, std = backbone_normalization(backbone)
-        transform = v2.Compose([v2.Resize(image_size or (256, 256), antialias=True), v2.Normalize(mean=mean, std=std)])
-        return PreProcessor(transform=transform)
-
-    @staticmethod
-    def configure_evaluator() -> Evaluator:
-        """Dataset-wide and per-category image AUROC/F1Max and pixel AUROC/AUPR/AUPRO."""
-        return PerCategoryEvaluator()
 
     @property
     def learning_type(self) -> LearningType:
@@ -382,20 +362,6 @@ class DiAD(AnomalibModule):
         """Use score statistics that match the current weights."""
         self._refresh_score_statistics()
 
-    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Anomaly map and score, standardised with the statistics of each sample's category when known."""
-        del args, kwargs
-        predictions = self.model(batch.image, category_index=self._category_index(batch))
-        return batch.update(**predictions._asdict())
-
-    def test_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Same as :meth:`validation_step`."""
-        return self.validation_step(batch, *args, **kwargs)
-
-    def predict_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Same as :meth:`validation_step`."""
-        return self.validation_step(batch, *args, **kwargs)
-
     def _category_index(self, batch: Batch) -> torch.Tensor | None:
         """Index ``[B]`` of each sample's category in the score statistics, or None (statistics of all categories).
 
@@ -412,25 +378,3 @@ class DiAD(AnomalibModule):
             )
             return None
         return torch.tensor([self.category_names.index(name) for name in categories], device=batch.image.device)
-
-    # ---------------------------------------------------------------------------------- helpers
-    def _batch_categories(self, batch: Batch) -> list[str]:
-        categories = getattr(batch, "category", None)
-        if categories is not None:
-            return list(categories)
-        datamodule = getattr(self.trainer, "datamodule", None)
-        return [getattr(datamodule, "category", None) or DEFAULT_CATEGORY] * len(batch.image)
-
-    def _pre_process(self, images: torch.Tensor) -> torch.Tensor:
-        transform = getattr(self.pre_processor, "transform", None)
-        return transform(images) if transform is not None else images
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the category names that index the score statistics."""
-        super().on_save_checkpoint(checkpoint)
-        checkpoint[CATEGORIES_KEY] = list(self.category_names)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the category names that index the score statistics."""
-        super().on_load_checkpoint(checkpoint)
-        self.category_names = list(checkpoint.get(CATEGORIES_KEY, []))

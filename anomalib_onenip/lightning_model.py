@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,7 +24,6 @@ from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models import AnomalibModule
-from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from rich.progress import track
@@ -34,19 +32,17 @@ from torch.nn import functional as F  # noqa: N812
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from anomalib_multiclass import PerCategoryEvaluator, RankPreservingPostProcessor
-from anomalib_multiclass.backbone import backbone_normalization, load_pretrained_backbone
+from anomalib_multiclass.components import UnifiedModelComponents
+from anomalib_multiclass.backbone import load_pretrained_backbone
 from anomalib_onenip.anomaly_generator import OneNIPAnomalyGenerator
 from anomalib_onenip.loss import OneNIPLoss
 from anomalib_onenip.torch_model import OneNIPModel
 
 logger = logging.getLogger(__name__)
 
-CATEGORIES_KEY = "onenip_category_names"
-DEFAULT_CATEGORY = "default"
 
 
-class OneNIP(AnomalibModule):
+class OneNIP(UnifiedModelComponents, AnomalibModule):
     """OneNIP: unified anomaly detection guided by one normal image prompt.
 
     Args:
@@ -152,26 +148,6 @@ class OneNIP(AnomalibModule):
         self.category_names: list[str] = []
         self._prompt_features: dict[str, torch.Tensor] = {}
         self._prompt_bank_outdated = False
-
-    @classmethod
-    def configure_pre_processor(
-        cls,
-        image_size: tuple[int, int] | None = None,
-        backbone: str = "tf_efficientnet_b4",
-    ) -> PreProcessor:
-        """Resize to ``image_size`` (default 256x256) and normalise with the backbone's mean and std."""
-        mean, std = backbone_normalization(backbone)
-        transform = v2.Compose([v2.Resize(image_size or (256, 256), antialias=True), v2.Normalize(mean=mean, std=std)])
-        return PreProcessor(transform=transform)
-
-    def configure_post_processor(self) -> RankPreservingPostProcessor:
-        """anomalib's normalisation and thresholds, without ties (see :class:`RankPreservingPostProcessor`)."""
-        return RankPreservingPostProcessor()
-
-    @staticmethod
-    def configure_evaluator() -> Evaluator:
-        """Dataset-wide and per-category image AUROC/F1Max and pixel AUROC/AUPR/AUPRO."""
-        return PerCategoryEvaluator()
 
     @property
     def learning_type(self) -> LearningType:
@@ -345,20 +321,6 @@ class OneNIP(AnomalibModule):
         """Use a prompt bank that matches the current weights."""
         self._refresh_prompt_bank()
 
-    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Predict with the prompt of each sample's category (nearest prompt when the batch has no categories)."""
-        del args, kwargs
-        predictions = self.model(batch.image, category_index=self._category_index(batch))
-        return batch.update(**predictions._asdict())
-
-    def test_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Same as :meth:`validation_step`."""
-        return self.validation_step(batch, *args, **kwargs)
-
-    def predict_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Same as :meth:`validation_step`."""
-        return self.validation_step(batch, *args, **kwargs)
-
     def _category_index(self, batch: Batch) -> torch.Tensor | None:
         """Category index ``[B]`` of each sample, or None when the batch carries no categories."""
         categories = getattr(batch, "category", None)
@@ -374,17 +336,6 @@ class OneNIP(AnomalibModule):
         return torch.tensor([self.category_names.index(name) for name in categories], device=batch.image.device)
 
     # ---------------------------------------------------------------------------------- helpers
-    def _batch_categories(self, batch: Batch) -> list[str]:
-        categories = getattr(batch, "category", None)
-        if categories is not None:
-            return list(categories)
-        datamodule = getattr(self.trainer, "datamodule", None)
-        return [getattr(datamodule, "category", None) or DEFAULT_CATEGORY] * len(batch.image)
-
-    def _pre_process(self, images: torch.Tensor) -> torch.Tensor:
-        transform = getattr(self.pre_processor, "transform", None)
-        return transform(images) if transform is not None else images
-
     def _normalization(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and std ``[1, 3, 1, 1]`` of the pre-processor's Normalize (identity without one)."""
         transform = getattr(self.pre_processor, "transform", None)
@@ -394,16 +345,6 @@ class OneNIP(AnomalibModule):
                 mean = torch.tensor(step.mean, device=self.device).view(1, -1, 1, 1)
                 return mean, torch.tensor(step.std, device=self.device).view(1, -1, 1, 1)
         return torch.zeros(1, 3, 1, 1, device=self.device), torch.ones(1, 3, 1, 1, device=self.device)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the category names that index the prompt bank."""
-        super().on_save_checkpoint(checkpoint)
-        checkpoint[CATEGORIES_KEY] = list(self.category_names)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the category names that index the prompt bank."""
-        super().on_load_checkpoint(checkpoint)
-        self.category_names = list(checkpoint.get(CATEGORIES_KEY, []))
 
 
 def _representative_indices(global_features: torch.Tensor, count: int) -> torch.Tensor:

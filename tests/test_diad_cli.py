@@ -129,7 +129,7 @@ def test_stage_two_uses_and_keeps_stage_one_autoencoder(two_stage_run: dict) -> 
     for key in autoencoder_keys:
         torch.testing.assert_close(stage2["state_dict"][key], stage1["state_dict"][key], rtol=0, atol=0)
     assert stage2["hyper_parameters"]["stage"] == "diffusion"
-    assert stage2["diad_category_names"] == CATEGORIES
+    assert stage2["category_names"] == CATEGORIES
     assert stage2["state_dict"]["model.score_statistics.mean"].shape == (len(CATEGORIES) + 1,)
 
 
