@@ -11,25 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
+from timing import median_seconds
 
 from anomalib_onenip.torch_model import OneNIPModel
-
-
-def median_seconds(function: Callable[[], object], repeats: int, warmup: int = 2) -> float:
-    """Median wall time of ``function()`` over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
