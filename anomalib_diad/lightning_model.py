@@ -362,6 +362,14 @@ class DiAD(UnifiedModelComponents, AnomalibModule):
         """Use score statistics that match the current weights."""
         self._refresh_score_statistics()
 
+    def _missing_fitted_state(self) -> str | None:
+        """Trained weights and, with ``normalize_per_category``, the score statistics."""
+        if not bool(self.initial_weights_loaded):
+            return "trained weights"
+        if self.hparams.normalize_per_category and int(self.calibration_step) < 0:
+            return "per-category score statistics (computed at the end of training)"
+        return None
+
     def _category_index(self, batch: Batch) -> torch.Tensor | None:
         """Index ``[B]`` of each sample's category in the score statistics, or None (statistics of all categories).
 

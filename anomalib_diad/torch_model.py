@@ -189,7 +189,8 @@ class DiADModel(nn.Module):
         """``eps_theta(z_t, t, c, x)`` ``[B, 4, h, w]``: the UNet with the SG residuals of the hint ``images``."""
         if self.guidance_scale != 1.0:
             doubled = self._denoise(noisy_latents.repeat(2, 1, 1, 1), timesteps.repeat(2), images.repeat(2, 1, 1, 1))
-            unconditional, conditional = doubled.chunk(2)
+            batch_size = noisy_latents.shape[0]
+            unconditional, conditional = doubled[:batch_size], doubled[batch_size:]
             return unconditional + self.guidance_scale * (conditional - unconditional)
         return self._denoise(noisy_latents, timesteps, images)
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
+import logging
+import zipfile
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,6 +20,29 @@ from anomalib_multiclass.backbone import backbone_normalization
 from anomalib_multiclass.evaluator import PerCategoryEvaluator
 from anomalib_multiclass.post_processing import RankPreservingPostProcessor
 
+logger = logging.getLogger(__name__)
+
+PACKAGE = "anomalib-multiclass-models"
+# The checkpoint layout this code reads and writes; bump it when a change makes older checkpoints unreadable.
+CHECKPOINT_FORMAT = 1
+CHECKPOINT_INFO_KEY = "anomalib_multiclass"
+
+
+def package_version() -> str:
+    """Installed version of this package (``"unknown"`` when run from a source tree that is not installed)."""
+    try:
+        return version(PACKAGE)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class IncompatibleCheckpointError(ValueError):
+    """A checkpoint that this model class or this version of the package cannot load."""
+
+
+class NotFittedError(RuntimeError):
+    """The model lacks state that training creates (prompt bank, statistics, thresholds)."""
+
 
 class UnifiedModelComponents:
     """Mixin for an ``AnomalibModule`` of a unified model (list it before ``AnomalibModule`` in the bases).
@@ -24,7 +52,11 @@ class UnifiedModelComponents:
     - evaluation: :class:`PerCategoryEvaluator`;
     - validation, test and predict steps that pass each sample's category index to the torch model
       (the model class defines ``_category_index(batch) -> Tensor [B] | None``);
-    - ``category_names``, the training categories in index order, saved in and restored from checkpoints.
+    - ``category_names``, the training categories in index order, saved in and restored from checkpoints;
+    - checkpoints that name their model class and format version, and refuse to load into another
+      model class or a plugin version with another format (:class:`IncompatibleCheckpointError`);
+    - exports (torch, ONNX, OpenVINO) that refuse a model that was never fitted (:class:`NotFittedError`;
+      the model class defines ``_missing_fitted_state() -> str | None``).
     """
 
     CATEGORIES_KEY = "category_names"
@@ -78,12 +110,120 @@ class UnifiedModelComponents:
         transform = getattr(self.pre_processor, "transform", None)
         return transform(images) if transform is not None else images
 
+    # ----------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the category names that index the model's per-category state."""
+        """Store the model class, the checkpoint format and the category names of the per-category state."""
         super().on_save_checkpoint(checkpoint)
+        checkpoint[CHECKPOINT_INFO_KEY] = {
+            "model": type(self).__name__,
+            "format": CHECKPOINT_FORMAT,
+            "package_version": package_version(),
+        }
         checkpoint[self.CATEGORIES_KEY] = list(self.category_names)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the category names that index the model's per-category state."""
+        """Refuse a checkpoint of another model or format; adopt its architecture; restore the category names."""
+        self._check_checkpoint_info(checkpoint)
+        self._adopt_checkpoint_architecture(checkpoint.get("hyper_parameters") or {})
         super().on_load_checkpoint(checkpoint)
         self.category_names = list(checkpoint.get(self.CATEGORIES_KEY, []))
+
+    def _adopt_checkpoint_architecture(self, saved: dict[str, Any]) -> None:
+        """Rebuild the torch model from the checkpoint's arguments where they differ from this instance's.
+
+        ``anomalib predict/test --model OneNIP --ckpt_path CKPT`` builds the model from the command
+        line's arguments (defaults: the paper's sizes) and then loads the checkpoint's weights into it;
+        a checkpoint of another size would not fit. Its saved arguments say what it is, so they win.
+        """
+        def plain(value: Any) -> Any:  # noqa: ANN401
+            return list(value) if isinstance(value, tuple) else value
+
+        components = {"pre_processor", "post_processor", "evaluator", "visualizer"}
+        parameters = set(inspect.signature(type(self).__init__).parameters) - components - {"self"}
+        arguments = {key: value for key, value in saved.items() if key in parameters}
+        differing = sorted(key for key, value in arguments.items() if plain(self.hparams.get(key)) != plain(value))
+        if not differing:
+            return
+        logger.info("%s: using the checkpoint's %s.", type(self).__name__, ", ".join(differing))
+        rebuilt = type(self)(**arguments, pre_processor=False, post_processor=False, evaluator=False, visualizer=False)
+        self.model = rebuilt.model.to(self.device)
+        self.hparams.update(arguments)
+
+    def _check_checkpoint_info(self, checkpoint: dict[str, Any]) -> None:
+        name = type(self).__name__
+        info = checkpoint.get(CHECKPOINT_INFO_KEY)
+        if not isinstance(info, dict):
+            msg = (
+                f"This is not a {name} checkpoint of {PACKAGE} (it lacks the '{CHECKPOINT_INFO_KEY}' entry that "
+                f"{name} writes; it may be another anomalib model's): load it with the model class that saved it."
+            )
+            raise IncompatibleCheckpointError(msg)
+        if info.get("model") != name:
+            msg = f"This is a {info.get('model')} checkpoint, not a {name} one: load it with {info.get('model')}."
+            raise IncompatibleCheckpointError(msg)
+        if info.get("format") != CHECKPOINT_FORMAT:
+            msg = (
+                f"This {name} checkpoint has format {info.get('format')} (saved by {PACKAGE} "
+                f"{info.get('package_version')}); {PACKAGE} {package_version()} reads format {CHECKPOINT_FORMAT}. "
+                f"Load it with the {PACKAGE} version that saved it, or retrain."
+            )
+            raise IncompatibleCheckpointError(msg)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Path, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
+        """Lightning's ``load_from_checkpoint``, with errors that name the file and what to do."""
+        path = Path(checkpoint_path)
+        if not path.is_file():
+            msg = f"Checkpoint '{path}' does not exist: give the model.ckpt that `anomalib train` wrote."
+            raise FileNotFoundError(msg)
+        if not zipfile.is_zipfile(path):
+            msg = (
+                f"Checkpoint '{path}' is not a readable torch checkpoint (truncated or corrupted?): give the "
+                "model.ckpt that `anomalib train` wrote."
+            )
+            raise ValueError(msg)
+        try:
+            return super().load_from_checkpoint(path, *args, **kwargs)
+        except IncompatibleCheckpointError as error:
+            msg = f"'{path}': {error}"
+            raise IncompatibleCheckpointError(msg) from None
+
+    # ---------------------------------------------------------------------------------- export
+    def _check_fitted(self) -> None:
+        """Raise :class:`NotFittedError` naming what is missing (the model's state, or the post-processor's thresholds)."""
+        missing = self._missing_fitted_state()
+        if missing is None:
+            post_processor = self.post_processor
+            needs_thresholds = getattr(post_processor, "enable_thresholding", False)
+            if needs_thresholds and not getattr(post_processor, "has_thresholds", True):
+                missing = "thresholds (the post-processor learns them on the validation set)"
+        if missing is not None:
+            msg = (
+                f"{type(self).__name__} has no {missing}: it was never fitted. Train it with `anomalib train` "
+                "(with validation) and export its checkpoint (--ckpt_path)."
+            )
+            raise NotFittedError(msg)
+
+    def _missing_fitted_state(self) -> str | None:
+        """What training creates and this model lacks, or None (overridden by each model)."""
+        return None
+
+    def to_torch(self, *args: Any, **kwargs: Any) -> Path:
+        """anomalib's torch export, for a fitted model only."""
+        self._check_fitted()
+        return super().to_torch(*args, **kwargs)
+
+    def to_onnx(self, *args: Any, **kwargs: Any) -> Path:
+        """anomalib's ONNX export (one image batch in, anomalib's outputs out), for a fitted model only.
+
+        The opset defaults to 18, the one torch's exporter writes (anomalib's default of 14 makes it
+        try a down-conversion that fails with a long, harmless traceback).
+        """
+        self._check_fitted()
+        kwargs.setdefault("opset_version", 18)
+        return super().to_onnx(*args, **kwargs)
+
+    def to_openvino(self, *args: Any, **kwargs: Any) -> Path:
+        """anomalib's OpenVINO export, for a fitted model only."""
+        self._check_fitted()
+        return super().to_openvino(*args, **kwargs)

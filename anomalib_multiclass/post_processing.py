@@ -1,29 +1,123 @@
-"""anomalib post-processing that keeps the ranking of scores, for unified models."""
+"""anomalib post-processing for unified models: rank-preserving normalisation, thresholds from normal images."""
 
 from __future__ import annotations
 
-import torch
-from anomalib.post_processing import PostProcessor
+import logging
+from typing import Any
 
-# Slope of the squashing sigmoid: 4 makes its derivative at the threshold 1, like anomalib's linear map.
-SQUASH_SLOPE = 4.0
+import torch
+from anomalib.data import Batch
+from anomalib.post_processing import PostProcessor
+from lightning import LightningModule, Trainer
+
+logger = logging.getLogger(__name__)
+
+THRESHOLD_SOURCES = ("normal", "f1_adaptive")
 
 
 class RankPreservingPostProcessor(PostProcessor):
-    """anomalib's :class:`PostProcessor` with a normalisation that never ties two different scores.
+    """anomalib's :class:`PostProcessor` with a normalisation that never ties two scores, and normal-image thresholds.
 
-    anomalib normalises a score ``x`` to ``(x - threshold) / (max - min) + 0.5`` and clamps it to
-    ``[0, 1]``, with ``min``, ``max`` and ``threshold`` learned on the validation set. Every score
-    beyond the clamp becomes 0 or 1: with one model for many categories, whose score ranges differ,
-    whole categories can end up tied at 0 or 1, and threshold-free metrics (AUROC, AUPR, AUPRO)
-    computed on the normalised values lose their meaning.
+    **Normalisation.** anomalib normalises a score ``x`` to ``(x - threshold) / (max - min) + 0.5``
+    and clamps it to ``[0, 1]``, with ``min``, ``max`` and ``threshold`` learned on the validation
+    set. Every score beyond the clamp becomes 0 or 1: with one model for many categories, whose
+    score ranges differ, whole categories can end up tied at 0 or 1, and threshold-free metrics
+    (AUROC, AUPR, AUPRO) computed on the normalised values lose their meaning. This post-processor
+    maps ``x`` to ``0.5 + 0.5 * z / (1 + |z|)`` with ``z = 2 * (x - threshold) / (max - min)``
+    instead: 0.5 at the threshold, anomalib's slope there, strictly increasing everywhere, inside
+    ``(0, 1)``. Unlike a logistic sigmoid, which reaches 1.0 in float32 a few ranges above the
+    threshold, it keeps scores a million ranges away apart. Labels and masks are
+    ``x > threshold`` (at the default sensitivity of 0.5).
 
-    This post-processor maps ``x`` to ``sigmoid(4 * (x - threshold) / (max - min))`` instead: the same
-    value (0.5) at the threshold, the same slope there, strictly increasing everywhere, inside
-    ``(0, 1)``. Labels and masks (``x > threshold``) are those of anomalib's post-processor at the
-    default sensitivity of 0.5. Statistics, thresholds, checkpointing and the exported graph work as in
-    anomalib's post-processor.
+    **Thresholds.** ``threshold_source="normal"`` (default) learns everything from the *normal*
+    validation images only (``gt_label == 0``; all images when the batch carries no labels), as a
+    deployment without defect examples must: the image threshold is the ``normal_quantile``
+    quantile of their image scores, the pixel threshold the same quantile of their per-image
+    maximum map value, and ``min``/``max`` their score and map ranges. ``"f1_adaptive"`` is
+    anomalib's: the F1-optimal thresholds on a validation set with anomalies.
+
+    The plugins' torch models standardise scores and maps per category (with statistics of each
+    category's normal training images) before this step, so one threshold on that common scale is
+    a per-category threshold in the raw units. Every constant is a buffer: checkpoints and
+    exported graphs (ONNX, OpenVINO) carry it.
+
+    Args:
+        threshold_source: ``"normal"`` or ``"f1_adaptive"`` (see above).
+        normal_quantile: quantile of the normal validation images used by ``"normal"``, in (0, 1].
+        **kwargs: anomalib :class:`PostProcessor` arguments (sensitivities, enable flags).
     """
+
+    def __init__(self, threshold_source: str = "normal", normal_quantile: float = 0.99, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if threshold_source not in THRESHOLD_SOURCES:
+            msg = f"Unknown threshold_source '{threshold_source}'. Choose one of {THRESHOLD_SOURCES}."
+            raise ValueError(msg)
+        if not 0 < normal_quantile <= 1:
+            msg = f"normal_quantile must be in (0, 1], got {normal_quantile}."
+            raise ValueError(msg)
+        self.threshold_source = threshold_source
+        self.normal_quantile = normal_quantile
+        self._normal_scores: list[torch.Tensor] = []
+        self._normal_map_maxima: list[torch.Tensor] = []
+        self._normal_map_minima: list[torch.Tensor] = []
+
+    @property
+    def _checkpoint_config_keys(self) -> tuple[str, ...]:
+        """anomalib's configuration plus the threshold source and quantile."""
+        return (*super()._checkpoint_config_keys, "threshold_source", "normal_quantile")
+
+    @property
+    def has_thresholds(self) -> bool:
+        """True once validation set the image threshold (a model without it labels nothing)."""
+        return not bool(torch.isnan(self._image_threshold))
+
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Batch,
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
+        """Collect the scores and map extremes of the batch's normal images (or defer to anomalib's F1 thresholds)."""
+        if self.threshold_source == "f1_adaptive":
+            super().on_validation_batch_end(trainer, pl_module, outputs, *args, **kwargs)
+            return
+        scores = outputs.pred_score.detach().flatten()
+        normal = torch.ones_like(scores, dtype=torch.bool)
+        if outputs.gt_label is not None:
+            normal = outputs.gt_label.flatten().to(scores.device) == 0
+        self._normal_scores.append(scores[normal].float().cpu())
+        if outputs.anomaly_map is not None:
+            maps = outputs.anomaly_map.detach()[normal].flatten(1)
+            self._normal_map_maxima.append(maps.amax(dim=1).float().cpu())
+            self._normal_map_minima.append(maps.amin(dim=1).float().cpu())
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Set thresholds and ranges from the collected normal images (or anomalib's F1 thresholds)."""
+        if self.threshold_source == "f1_adaptive":
+            super().on_validation_epoch_end(trainer, pl_module)
+            return
+        scores = torch.cat(self._normal_scores) if self._normal_scores else torch.zeros(0)
+        map_maxima = torch.cat(self._normal_map_maxima) if self._normal_map_maxima else torch.zeros(0)
+        map_minima = torch.cat(self._normal_map_minima) if self._normal_map_minima else torch.zeros(0)
+        self._normal_scores, self._normal_map_maxima, self._normal_map_minima = [], [], []
+        if scores.numel() == 0:
+            logger.warning(
+                "The validation set has no normal images: thresholds not updated. Give a validation set with normal "
+                "images (e.g. val_split_mode 'same_as_test' or 'from_train'), or threshold_source 'f1_adaptive'."
+            )
+            return
+        if self.enable_thresholding:
+            self._image_threshold.copy_(torch.quantile(scores, self.normal_quantile))
+            if map_maxima.numel():
+                self._pixel_threshold.copy_(torch.quantile(map_maxima, self.normal_quantile))
+        if self.enable_normalization:
+            self.image_min.copy_(scores.min())
+            self.image_max.copy_(scores.max())
+            if map_maxima.numel():
+                self.pixel_min.copy_(map_minima.min())
+                self.pixel_max.copy_(map_maxima.max())
 
     @staticmethod
     def _normalize(
@@ -38,6 +132,7 @@ class RankPreservingPostProcessor(PostProcessor):
         threshold = torch.where(torch.isnan(threshold), (norm_max + norm_min) / 2, threshold)
         value_range = norm_max - norm_min
         safe_range = torch.where(value_range > 0, value_range, torch.ones_like(value_range))
-        normalized = torch.sigmoid(SQUASH_SLOPE * (preds - threshold) / safe_range)
+        distance = 2 * (preds - threshold) / safe_range
+        normalized = 0.5 + 0.5 * distance / (1 + distance.abs())
         has_range = ~torch.isnan(norm_min) & ~torch.isnan(norm_max)
         return torch.where(has_range, normalized, preds)

@@ -335,6 +335,10 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
             raise ValueError(msg)
         return torch.tensor([self.category_names.index(name) for name in categories], device=batch.image.device)
 
+    def _missing_fitted_state(self) -> str | None:
+        """The prompt bank, which training builds."""
+        return "prompt bank" if self.model.prompt_bank.is_empty else None
+
     # ---------------------------------------------------------------------------------- helpers
     def _normalization(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and std ``[1, 3, 1, 1]`` of the pre-processor's Normalize (identity without one)."""

@@ -105,8 +105,12 @@ class OneNIPModel(nn.Module):
 
     def extract_features(self, images: torch.Tensor) -> torch.Tensor:
         """Frozen backbone taps resized (bilinear, ``align_corners=True``) to ``(h, w)`` and concatenated: ``[B, C, h, w]``."""
-        if tuple(images.shape[-2:]) != self.input_size:
-            msg = f"Image size {tuple(images.shape[-2:])} differs from the model's input_size {self.input_size}; resize first."
+        if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != self.input_size:
+            msg = (
+                f"OneNIP expects normalised RGB images [B, 3, {self.input_size[0]}, {self.input_size[1]}], got "
+                f"{tuple(images.shape)}; convert to RGB and resize to the model's input_size first (the "
+                "pre-processor resizes)."
+            )
             raise ValueError(msg)
         features = self.feature_extractor(images)
         resized = [

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.cli import run_anomalib
 
 pytestmark = pytest.mark.slow
 
@@ -20,17 +18,8 @@ TINY_ARGS = [
 ]
 
 
-def _anomalib(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    executable = Path(sys.executable).with_name("anomalib")
-    command = [str(executable)] if executable.exists() else [shutil.which("anomalib") or "anomalib"]
-    result = subprocess.run([*command, *args], cwd=cwd, capture_output=True, text=True, timeout=600, check=False,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
-    return result
-
-
 def test_train_short_name_on_anomalib_mvtec_datamodule(tiny_dataset: Path, tmp_path: Path) -> None:
-    _anomalib(["train", "--model", "OneNIP", *TINY_ARGS, "--data", "anomalib.data.MVTecAD",
+    run_anomalib(["train", "--model", "OneNIP", *TINY_ARGS, "--data", "anomalib.data.MVTecAD",
                "--data.root", str(tiny_dataset), "--data.category", "brick", "--data.num_workers", "0"], tmp_path)
     run = tmp_path / "results" / "OneNIP" / "MVTecAD" / "brick" / "latest"
     assert (run / "weights" / "lightning" / "model.ckpt").is_file()
@@ -38,7 +27,7 @@ def test_train_short_name_on_anomalib_mvtec_datamodule(tiny_dataset: Path, tmp_p
 
 
 def test_train_class_path_on_multiclass_datamodule(tiny_dataset: Path, tmp_path: Path) -> None:
-    result = _anomalib(["train", "--model", "anomalib_onenip.OneNIP", *TINY_ARGS, "--data", "MultiClassAD",
+    result = run_anomalib(["train", "--model", "anomalib_onenip.OneNIP", *TINY_ARGS, "--data", "MultiClassAD",
                         "--data.root", str(tiny_dataset), "--data.num_workers", "0"], tmp_path)
     assert "Per-category test metrics" in result.stdout
     run = tmp_path / "results" / "OneNIP" / tiny_dataset.name / "all" / "latest"
@@ -55,6 +44,6 @@ def test_train_from_yaml_config(tiny_dataset: Path, tmp_path: Path) -> None:
         "    categories: [brick, gravel]\n    num_workers: 0\n"
         "trainer:\n  max_epochs: 1\n  accelerator: cpu\n  enable_progress_bar: false\n"
     )
-    _anomalib(["train", "-c", str(config)], tmp_path)
+    run_anomalib(["train", "-c", str(config)], tmp_path)
     metrics = tmp_path / "results" / "OneNIP" / tiny_dataset.name / "brick+gravel" / "latest" / "metrics_per_category.json"
     assert '"brick"' in metrics.read_text() and '"gravel"' in metrics.read_text()

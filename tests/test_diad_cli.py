@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+
+from tests.cli import run_anomalib
 
 pytest.importorskip("diffusers")
 
@@ -28,22 +27,6 @@ TINY_MODEL = {
     "visualizer": False,
 }
 TRAINER_ARGS = ["--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]
-
-
-def _anomalib(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    executable = Path(sys.executable).with_name("anomalib")
-    command = [str(executable)] if executable.exists() else [shutil.which("anomalib") or "anomalib"]
-    result = subprocess.run(
-        [*command, *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
-    return result
 
 
 def _flag(value: object) -> str:
@@ -72,7 +55,7 @@ def two_stage_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) 
     """Stage 1 with the short name and flags, stage 2 from a YAML ``class_path`` loading stage 1's autoencoder."""
     work = tmp_path_factory.mktemp("diad_cli")
     model_flags = [item for key, value in TINY_MODEL.items() for item in (f"--model.{key}", _flag(value))]
-    stage1 = _anomalib(
+    stage1 = run_anomalib(
         [
             "train",
             "--model",
@@ -99,7 +82,7 @@ def two_stage_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) 
         "    train_batch_size: 8\n    eval_batch_size: 16\n"
         "trainer:\n  max_epochs: 1\n  accelerator: cpu\n  enable_progress_bar: false\ndefault_root_dir: stage2\n"
     )
-    stage2 = _anomalib(["train", "-c", str(config)], work)
+    stage2 = run_anomalib(["train", "-c", str(config)], work)
     stage2_run = work / "stage2" / "DiAD" / tiny_dataset.name / "+".join(CATEGORIES) / "latest"
     return {
         "stage1": stage1_run,
@@ -163,3 +146,67 @@ def test_checkpoint_round_trip_gives_identical_scores(two_stage_run: dict, tmp_p
     torch.testing.assert_close(after.pred_score, before.pred_score, rtol=0, atol=0)
     torch.testing.assert_close(after.anomaly_map, before.anomaly_map, rtol=0, atol=0)
     assert not torch.equal(before.pred_score[0], before.pred_score[1])
+
+
+# ------------------------------------------------------------------------------------------- export
+@pytest.fixture(scope="module")
+def diad_exports(two_stage_run: dict) -> dict:
+    """Stage 2's checkpoint through `anomalib export` to OpenVINO (any input size), and in Python to ONNX and torch."""
+    from anomalib.deploy import ExportType
+    from anomalib.engine import Engine
+
+    from anomalib_diad import DiAD
+
+    checkpoint = two_stage_run["stage2"] / "weights" / "lightning" / "model.ckpt"
+    root = checkpoint.parents[5]
+    run_anomalib(
+        ["export", "--model", "DiAD", "--model.pre_trained", "false", "--model.architecture", "tiny",
+         "--model.diffusion_weights", "null", "--ckpt_path", str(checkpoint), "--export_type", "openvino",
+         "--export_root", str(root / "export_openvino")],
+        root,
+    )
+    model = DiAD.load_from_checkpoint(checkpoint, pre_trained=False).eval()
+    engine = Engine(accelerator="cpu", default_root_dir=root, enable_progress_bar=False)
+    return {
+        "model": model,
+        "openvino": root / "export_openvino" / "weights" / "openvino" / "model.xml",
+        "onnx": engine.export(model, ExportType.ONNX, export_root=root / "export_onnx", input_size=(128, 128)),
+        "torch": engine.export(model, ExportType.TORCH, export_root=root / "export_torch"),
+    }
+
+
+@pytest.mark.parametrize("export_type", ["onnx", "openvino"])
+def test_exported_diad_matches_pytorch(export_type: str, diad_exports: dict, two_stage_run: dict) -> None:
+    from tests.export_parity import assert_parity, load_images, run_exported, torch_outputs
+
+    paths = sorted(two_stage_run["data"].glob("*/test/*/*.png"))[::4]
+    images = np.concatenate(load_images(paths))
+    images = torch.nn.functional.interpolate(torch.from_numpy(images), size=(128, 128)).numpy()
+    first = run_exported(diad_exports[export_type], images)
+    assert_parity(torch_outputs(diad_exports["model"], images), first, map_tolerance=1e-3)
+    np.testing.assert_array_equal(run_exported(diad_exports[export_type], images)["pred_score"], first["pred_score"])
+
+
+def test_exported_diad_matches_pytorch_on_real_images(diad_exports: dict, real_ad_root: Path) -> None:
+    from tests.export_parity import assert_parity, real_ad_images, run_exported, torch_outputs
+
+    for image in real_ad_images(real_ad_root, per_category=1):
+        expected = torch_outputs(diad_exports["model"], image)
+        assert_parity(expected, run_exported(diad_exports["openvino"], image), map_tolerance=1e-3)
+
+
+def test_torch_export_of_diad_holds_the_whole_model(diad_exports: dict) -> None:
+    exported = torch.load(diad_exports["torch"], map_location="cpu", weights_only=False)["model"].eval()
+    images = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected, actual = diad_exports["model"](images), exported(images)
+    torch.testing.assert_close(actual.anomaly_map, expected.anomaly_map, rtol=0, atol=0)
+
+
+def test_exporting_an_unfitted_diad_is_refused(tmp_path: Path) -> None:
+    from anomalib_diad import DiAD
+    from anomalib_multiclass.components import NotFittedError
+
+    model = DiAD(**{key: value for key, value in TINY_MODEL.items() if key != "visualizer"})
+    with pytest.raises(NotFittedError, match="DiAD has no trained weights: it was never fitted"):
+        model.to_openvino(tmp_path, input_size=(128, 128))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from anomalib.data import InferenceBatch
@@ -74,7 +76,8 @@ def test_input_size_the_backbone_cannot_take_is_refused(size: tuple[int, int]) -
         OneNIPModel(backbone="tf_efficientnet_lite0", input_size=size, **SMALL)
 
 
-def test_image_of_another_size_is_refused() -> None:
+@pytest.mark.parametrize("shape", [(1, 3, 96, 96), (1, 1, 64, 64), (1, 4, 64, 64), (3, 64, 64)])
+def test_image_of_another_size_or_channel_count_is_refused(shape: tuple[int, ...]) -> None:
     model = OneNIPModel(backbone="tf_efficientnet_lite0", input_size=(64, 64), **SMALL)
-    with pytest.raises(ValueError, match=r"\(96, 96\) differs from the model's input_size"):
-        model.extract_features(torch.rand(1, 3, 96, 96))
+    with pytest.raises(ValueError, match=rf"expects normalised RGB images \[B, 3, 64, 64\], got {re.escape(str(shape))}"):
+        model.extract_features(torch.rand(shape))

@@ -48,10 +48,12 @@ class FeatureDistanceAnomalyMap(nn.Module):
 
     def distance_map(self, images: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
         """Unsmoothed ``sum_l up(1 - cos)`` ``[B, 1, H, W]`` for images and reconstructions ``[B, 3, H, W]``."""
+        batch_size = images.shape[0]
         features = self.feature_extractor(torch.cat([images, reconstructions]))
         distance = 0
         for feature in features.values():
-            original, reconstructed = feature.chunk(2)
+            # Slices, not chunk(2): chunk would pin the batch size of an exported graph.
+            original, reconstructed = feature[:batch_size], feature[batch_size:]
             layer_distance = 1 - F.cosine_similarity(original, reconstructed, dim=1).unsqueeze(1)
             distance = distance + F.interpolate(
                 layer_distance, size=self.input_size, mode="bilinear", align_corners=True

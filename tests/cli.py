@@ -1,0 +1,27 @@
+"""Run the ``anomalib`` console script of the test environment in a subprocess, offline."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+
+def run_anomalib(args: list[str], cwd: Path, expect_success: bool = True) -> subprocess.CompletedProcess:
+    """``anomalib ARGS`` in ``cwd``; asserts the exit status (0, or non-zero with ``expect_success=False``)."""
+    executable = Path(sys.executable).with_name("anomalib")
+    command = [str(executable)] if executable.exists() else [shutil.which("anomalib") or "anomalib"]
+    result = subprocess.run(
+        [*command, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "400"},  # wide: no wrapped messages
+    )
+    succeeded = result.returncode == 0
+    assert succeeded == expect_success, (result.returncode, result.stdout[-3000:], result.stderr[-3000:])
+    return result
