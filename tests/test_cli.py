@@ -26,14 +26,6 @@ def test_train_short_name_on_anomalib_mvtec_datamodule(tiny_dataset: Path, tmp_p
     assert "anomalib_onenip.OneNIP" in (run / "config.yaml").read_text()
 
 
-def test_train_class_path_on_multiclass_datamodule(tiny_dataset: Path, tmp_path: Path) -> None:
-    result = run_anomalib(["train", "--model", "anomalib_onenip.OneNIP", *TINY_ARGS, "--data", "MultiClassAD",
-                        "--data.root", str(tiny_dataset), "--data.num_workers", "0"], tmp_path)
-    assert "Per-category test metrics" in result.stdout
-    run = tmp_path / "results" / "OneNIP" / tiny_dataset.name / "all" / "latest"
-    assert (run / "metrics_per_category.csv").read_text().splitlines()[0].startswith("category,image_AUROC")
-
-
 def test_train_from_yaml_config(tiny_dataset: Path, tmp_path: Path) -> None:
     config = tmp_path / "onenip.yaml"
     config.write_text(

@@ -136,3 +136,43 @@ def test_pretrained_lite0_backbone_loads_offline_at_fit_start(tiny_dataset: Path
     expected = offline_package_weights("tf_efficientnet_lite0")["conv_stem.weight"]
     assert torch.equal(model.model.feature_extractor.feature_extractor.conv_stem.weight, expected)
     assert bool(model.backbone_weights_loaded)
+
+
+def _saved_checkpoint(trained_onenip, path: Path, **info) -> Path:  # noqa: ANN001, ANN003
+    _, _, engine, _ = trained_onenip
+    engine.trainer.save_checkpoint(path)
+    if info:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint["anomalib_multiclass"].update(info)
+        torch.save(checkpoint, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("info", "message"),
+    [
+        ({"format": 99, "package_version": "9.0"}, "This OneNIP checkpoint has format 99 \\(saved by anomalib-multiclass-models 9.0\\)"),
+        ({"model": "DiAD"}, "This is a DiAD checkpoint, not a OneNIP one: load it with DiAD"),
+    ],
+)
+def test_checkpoint_of_another_format_or_model_is_refused(trained_onenip, tmp_path: Path, info: dict, message: str) -> None:  # noqa: ANN001
+    from anomalib_multiclass.components import IncompatibleCheckpointError
+
+    path = _saved_checkpoint(trained_onenip, tmp_path / "model.ckpt", **info)
+    with pytest.raises(IncompatibleCheckpointError, match=f"'{path}': {message}"):
+        OneNIP.load_from_checkpoint(path)
+
+
+def test_checkpoint_architecture_wins_over_the_command_line_defaults(trained_onenip, tmp_path: Path) -> None:  # noqa: ANN001
+    """As `anomalib predict --model OneNIP --ckpt_path CKPT`: a paper-size model restores a tiny checkpoint."""
+    model, datamodule, *_ = trained_onenip
+    checkpoint = torch.load(_saved_checkpoint(trained_onenip, tmp_path / "model.ckpt"), map_location="cpu", weights_only=False)
+    default = OneNIP(pre_trained=False, visualizer=False)
+    default.on_load_checkpoint(checkpoint)  # what Lightning's checkpoint restore calls before loading the weights
+    default.load_state_dict(checkpoint["state_dict"])
+    batch = _test_batch(datamodule, model)
+    model.eval()
+    default.eval()
+    with torch.no_grad():
+        assert torch.equal(default.model(batch.image).anomaly_map, model.model(batch.image).anomaly_map)
+    assert default.hparams.hidden_dim == TINY_ONENIP["hidden_dim"]

@@ -1,9 +1,10 @@
-"""Rank-preserving post-processing: no ties, anomalib's labels, works inside the model's forward."""
+"""Rank-preserving post-processing: no ties, anomalib's labels, thresholds from normal validation images."""
 
 from __future__ import annotations
 
+import pytest
 import torch
-from anomalib.data import InferenceBatch
+from anomalib.data import ImageBatch, InferenceBatch
 from anomalib.post_processing import PostProcessor
 
 from anomalib_multiclass import RankPreservingPostProcessor
@@ -27,3 +28,67 @@ def test_scores_far_from_the_threshold_stay_ordered() -> None:
     assert torch.equal(ours.pred_label, anomalibs.pred_label)
     assert torch.equal(ours.pred_mask, anomalibs.pred_mask)
     assert ours.pred_score[3] == 0.5, "the threshold maps to 0.5"
+
+
+def test_scores_a_million_ranges_apart_stay_ordered() -> None:
+    """A logistic squash would round all of these to 1.0 in float32."""
+    scores = torch.tensor([2.0, 50.0, 1e3, 1e5, 1e6])
+    normalized = _fitted(RankPreservingPostProcessor())(InferenceBatch(pred_score=scores)).pred_score
+    assert (normalized.diff() > 0).all(), normalized
+
+
+def _validation_batch(scores: list[float], labels: list[int], map_peaks: list[float]) -> ImageBatch:
+    maps = torch.zeros(len(scores), 1, 4, 4)
+    maps[:, 0, 0, 0] = torch.tensor(map_peaks)
+    maps[:, 0, 3, 3] = -1.0
+    return ImageBatch(
+        image=torch.zeros(len(scores), 3, 4, 4),
+        gt_label=torch.tensor(labels),
+        pred_score=torch.tensor(scores),
+        anomaly_map=maps,
+    )
+
+
+def _validate(post_processor: RankPreservingPostProcessor, batches: list[ImageBatch]) -> None:
+    for batch in batches:
+        post_processor.on_validation_batch_end(None, None, batch)
+    post_processor.on_validation_epoch_end(None, None)
+
+
+def test_thresholds_come_from_the_normal_validation_images_only() -> None:
+    post_processor = RankPreservingPostProcessor(normal_quantile=0.5)
+    _validate(post_processor, [
+        _validation_batch([1.0, 2.0, 9.0], [0, 0, 1], [1.5, 2.5, 30.0]),
+        _validation_batch([3.0, 50.0], [0, 1], [3.5, 80.0]),
+    ])
+    assert post_processor.image_threshold.item() == pytest.approx(2.0)  # median of 1, 2, 3; anomalies ignored
+    assert post_processor.pixel_threshold.item() == pytest.approx(2.5)  # median of the normal maps' maxima
+    assert (post_processor.image_min.item(), post_processor.image_max.item()) == (1.0, 3.0)
+    assert (post_processor.pixel_min.item(), post_processor.pixel_max.item()) == (-1.0, 3.5)
+    assert post_processor.has_thresholds
+    labels = post_processor(InferenceBatch(pred_score=torch.tensor([1.5, 2.5, 9.0]))).pred_label
+    assert labels.tolist() == [False, True, True]
+
+
+def test_f1_adaptive_thresholds_use_the_anomalies() -> None:
+    post_processor = RankPreservingPostProcessor(threshold_source="f1_adaptive")
+    _validate(post_processor, [_validation_batch([1.0, 2.0, 3.0, 9.0, 50.0], [0, 0, 0, 1, 1], [1, 2, 3, 30, 80])])
+    assert 3.0 <= post_processor.image_threshold.item() <= 9.0
+
+
+def test_validation_without_normal_images_keeps_the_thresholds(caplog: pytest.LogCaptureFixture) -> None:
+    post_processor = RankPreservingPostProcessor()
+    _validate(post_processor, [_validation_batch([9.0, 50.0], [1, 1], [30.0, 80.0])])
+    assert not post_processor.has_thresholds
+    assert "no normal images" in caplog.text
+
+
+def test_threshold_settings_are_checked_and_checkpointed() -> None:
+    with pytest.raises(ValueError, match="Unknown threshold_source 'best'"):
+        RankPreservingPostProcessor(threshold_source="best")
+    with pytest.raises(ValueError, match=r"normal_quantile must be in \(0, 1\], got 0"):
+        RankPreservingPostProcessor(normal_quantile=0)
+    config = RankPreservingPostProcessor(threshold_source="f1_adaptive", normal_quantile=0.9).checkpoint_config()
+    restored = RankPreservingPostProcessor()
+    restored.load_checkpoint_config(config)
+    assert (restored.threshold_source, restored.normal_quantile) == ("f1_adaptive", 0.9)
