@@ -84,10 +84,18 @@ def test_training_reports_per_category_metrics(train_run: dict) -> None:
     assert "anomalib_onenip.OneNIP" in (train_run["run"] / "config.yaml").read_text()
 
 
-def test_cli_writes_every_format(exports: dict[str, Path]) -> None:
+def test_cli_writes_every_format_with_one_image_input(exports: dict[str, Path]) -> None:
+    import onnxruntime
+    import openvino
+
     for path in exports.values():
         assert path.is_file(), path
     assert exports["openvino"].with_suffix(".bin").is_file()
+    session = onnxruntime.InferenceSession(str(exports["onnx"]))
+    assert [(item.name, item.shape) for item in session.get_inputs()] == [("input", ["batch_size", 3, 64, 64])]
+    assert [item.name for item in session.get_outputs()] == ["pred_score", "pred_label", "anomaly_map", "pred_mask"]
+    ov_model = openvino.Core().read_model(exports["openvino"])
+    assert [str(item.get_partial_shape()) for item in ov_model.inputs] == ["[?,3,?,?]"]  # any batch and image size
 
 
 @pytest.mark.parametrize("export_type", ["onnx", "openvino"])
