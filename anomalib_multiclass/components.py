@@ -84,8 +84,18 @@ class UnifiedModelComponents:
         return PerCategoryEvaluator()
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Predict with each sample's category when the batch carries categories (see ``_category_index``)."""
+        """Predict with each sample's category when the batch carries categories (see ``_category_index``).
+
+        Raises:
+            ValueError: naming the images that hold NaN or Inf values.
+        """
         del args, kwargs
+        finite = torch.isfinite(batch.image.flatten(1)).all(dim=1)
+        if not bool(finite.all()):
+            paths = getattr(batch, "image_path", None) or [f"#{index}" for index in range(len(finite))]
+            bad = [str(path) for path, ok in zip(paths, finite.tolist(), strict=True) if not ok]
+            msg = f"Images {bad} contain NaN or Inf values: check how they were produced or loaded, and replace them."
+            raise ValueError(msg)
         predictions = self.model(batch.image, category_index=self._category_index(batch))
         return batch.update(**predictions._asdict())
 

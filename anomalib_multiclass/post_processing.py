@@ -27,7 +27,8 @@ class RankPreservingPostProcessor(PostProcessor):
     instead: 0.5 at the threshold, anomalib's slope there, strictly increasing everywhere, inside
     ``(0, 1)``. Unlike a logistic sigmoid, which reaches 1.0 in float32 a few ranges above the
     threshold, it keeps scores a million ranges away apart. Labels and masks are
-    ``x > threshold`` (at the default sensitivity of 0.5).
+    ``x > threshold`` (at the default sensitivity of 0.5); a NaN score or map value (the result of
+    NaN or Inf in the input) is labelled anomalous, so a broken input is never passed as normal.
 
     **Thresholds.** ``threshold_source="normal"`` (default) learns everything from the *normal*
     validation images only (``gt_label == 0``; all images when the batch carries no labels), as a
@@ -118,6 +119,13 @@ class RankPreservingPostProcessor(PostProcessor):
             if map_maxima.numel():
                 self.pixel_min.copy_(map_minima.min())
                 self.pixel_max.copy_(map_maxima.max())
+
+    @staticmethod
+    def _apply_threshold(preds: torch.Tensor | None, threshold: torch.Tensor) -> torch.Tensor | None:
+        """``preds > threshold``; a NaN prediction (from NaN or Inf input) is labelled anomalous, never normal."""
+        if preds is None:
+            return preds
+        return (preds > threshold) | torch.isnan(preds)
 
     @staticmethod
     def _normalize(

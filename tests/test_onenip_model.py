@@ -176,3 +176,12 @@ def test_checkpoint_architecture_wins_over_the_command_line_defaults(trained_one
     with torch.no_grad():
         assert torch.equal(default.model(batch.image).anomaly_map, model.model(batch.image).anomaly_map)
     assert default.hparams.hidden_dim == TINY_ONENIP["hidden_dim"]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_or_inf_in_the_input_is_named(trained_onenip, value: float) -> None:  # noqa: ANN001
+    model, datamodule, *_ = trained_onenip
+    batch = _test_batch(datamodule, model)
+    batch.image[1, 0, 5, 5] = value
+    with pytest.raises(ValueError, match=rf"Images \['{batch.image_path[1]}'\] contain NaN or Inf values"):
+        model.predict_step(batch)

@@ -92,3 +92,10 @@ def test_threshold_settings_are_checked_and_checkpointed() -> None:
     restored = RankPreservingPostProcessor()
     restored.load_checkpoint_config(config)
     assert (restored.threshold_source, restored.normal_quantile) == ("f1_adaptive", 0.9)
+
+
+def test_nan_predictions_are_labelled_anomalous() -> None:
+    scores = torch.tensor([1.0, float("nan"), 3.0])
+    output = _fitted(RankPreservingPostProcessor())(InferenceBatch(pred_score=scores, anomaly_map=scores.view(1, 1, 1, 3)))
+    assert output.pred_label.tolist() == [False, True, True]
+    assert output.pred_mask.flatten().tolist() == [False, True, True]
