@@ -167,6 +167,10 @@ class DiAD(UnifiedModelComponents, AnomalibModule):
         self.register_buffer("calibration_step", torch.tensor(-1))
         self.category_names: list[str] = []
 
+    # torch's ONNX optimiser ran over 15 minutes without finishing on the small architecture's unrolled DDIM
+    # loop (10 UNet and SG passes, 2-core CPU); ONNX Runtime and OpenVINO optimise the graph when they load it.
+    ONNX_OPTIMIZE = False
+
     @property
     def learning_type(self) -> LearningType:
         """DiAD learns from normal images only."""

@@ -60,6 +60,7 @@ class UnifiedModelComponents:
     """
 
     CATEGORIES_KEY = "category_names"
+    ONNX_OPTIMIZE = True
     DEFAULT_CATEGORY = "default"
     category_names: list[str]
 
@@ -227,10 +228,12 @@ class UnifiedModelComponents:
         """anomalib's ONNX export (one image batch in, anomalib's outputs out), for a fitted model only.
 
         The opset defaults to 18, the one torch's exporter writes (anomalib's default of 14 makes it
-        try a down-conversion that fails with a long, harmless traceback).
+        try a down-conversion that fails with a long, harmless traceback). ``ONNX_OPTIMIZE`` sets
+        whether torch's exporter runs its graph optimiser (pass ``optimize`` to override).
         """
         self._check_fitted()
         kwargs.setdefault("opset_version", 18)
+        kwargs.setdefault("optimize", self.ONNX_OPTIMIZE)
         return super().to_onnx(*args, **kwargs)
 
     def to_openvino(self, *args: Any, **kwargs: Any) -> Path:
