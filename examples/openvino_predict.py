@@ -7,13 +7,15 @@ goes in as RGB values in [0, 1] at any size and anomalib's outputs come out.
     python examples/openvino_predict.py results/.../weights/openvino/model.xml IMAGE_OR_FOLDER [--heatmaps DIR]
 
 Prints one JSON line per image: its path, ``pred_score`` (0.5 at the learned threshold),
-``pred_label`` and the share of pixels in ``pred_mask``.
+``pred_label`` and the share of pixels in ``pred_mask``. An unreadable file is named on stderr and
+skipped; the exit status is then 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +40,8 @@ def load_image(path: Path) -> np.ndarray:
             else:
                 array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     except (OSError, SyntaxError) as error:
-        raise SystemExit(f"Cannot read image '{path}': {error}. Replace it with a valid image or remove it.") from None
+        msg = f"Cannot read image '{path}': {error}. Replace it with a valid image or remove it."
+        raise ValueError(msg) from None
     return np.ascontiguousarray(array.transpose(2, 0, 1)[None])
 
 
@@ -68,8 +71,15 @@ def main() -> None:
     model = ov.Core().compile_model(str(args.model), args.device, config)
     if args.heatmaps:
         args.heatmaps.mkdir(parents=True, exist_ok=True)
+    failed = 0
     for path in image_paths(args.source):
-        outputs = model(load_image(path))
+        try:
+            image = load_image(path)
+        except ValueError as error:  # report the file, go on with the others, exit with 1 at the end
+            print(error, file=sys.stderr)
+            failed += 1
+            continue
+        outputs = model(image)
         result = {output.get_any_name(): value for output, value in outputs.items()}
         print(json.dumps({
             "image": str(path),
@@ -80,6 +90,8 @@ def main() -> None:
         if args.heatmaps:
             heatmap = (np.clip(result["anomaly_map"][0, 0], 0, 1) * 255).astype(np.uint8)
             Image.fromarray(heatmap).save(args.heatmaps / f"{path.stem}.png")
+    if failed:
+        raise SystemExit(f"{failed} image(s) could not be read (named above).")
 
 
 if __name__ == "__main__":
