@@ -152,7 +152,13 @@ class UnifiedModelComponents:
         components = {"pre_processor", "post_processor", "evaluator", "visualizer"}
         parameters = set(inspect.signature(type(self).__init__).parameters) - components - {"self"}
         arguments = {key: value for key, value in saved.items() if key in parameters}
-        differing = sorted(key for key, value in arguments.items() if plain(self.hparams.get(key)) != plain(value))
+        # Only the torch model's own arguments matter here (not e.g. pre_trained or the learning rate).
+        model_parameters = set(inspect.signature(type(self.model).__init__).parameters)
+        differing = sorted(
+            key
+            for key, value in arguments.items()
+            if key in model_parameters and plain(self.hparams.get(key)) != plain(value)
+        )
         if not differing:
             return
         logger.info("%s: using the checkpoint's %s.", type(self).__name__, ", ".join(differing))
