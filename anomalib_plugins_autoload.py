@@ -6,6 +6,9 @@ to this module imports it at interpreter start-up; it installs a meta-path finde
 so start-up stays free of torch. When ``anomalib.models`` is first imported, the finder loads
 every model declared in the ``anomalib.models`` entry-point group; each plugin package attaches
 its model to ``anomalib.models`` when imported, so ``get_model("OneNIP")`` and the CLI find it.
+When ``anomalib.cli.cli`` is imported, it fixes two traps of anomalib 2.7's CLI: ``--seed_everything N``
+is parsed but ignored, and ``train --ckpt_path`` tests the checkpoint it resumed from instead of the
+model it trained (see :mod:`anomalib_multiclass.cli_fixes`).
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import sys
 import traceback
 
 ENTRY_POINT_GROUP = "anomalib.models"
-_TARGET = "anomalib.models"
 
 
 def import_entry_point_models() -> None:
@@ -39,21 +41,39 @@ def import_entry_point_models() -> None:
             traceback.print_exc()
 
 
+def apply_cli_fixes() -> None:
+    """Fix anomalib 2.7 CLI traps: ignored ``--seed_everything``, resumed ``train`` testing its start checkpoint."""
+    try:
+        from anomalib_multiclass.cli_fixes import apply_anomalib_cli_fixes
+    except ImportError:  # the package was removed but this hook was left behind
+        return
+    apply_anomalib_cli_fixes()
+
+
+# module -> what runs right after that module is first imported
+_AFTER_IMPORT = {"anomalib.models": import_entry_point_models, "anomalib.cli.cli": apply_cli_fixes}
+
+
 class _AnomalibModelsFinder(importlib.abc.MetaPathFinder):
-    """Wraps the loader of ``anomalib.models`` so that the plugins register right after it runs."""
+    """Wraps the loaders of the modules in ``_AFTER_IMPORT`` so that their hook runs right after them."""
+
+    def __init__(self) -> None:
+        self.pending = dict(_AFTER_IMPORT)
 
     def find_spec(self, fullname, path, target=None):  # noqa: ANN001, ANN201
-        if fullname != _TARGET:
+        if fullname not in self.pending:
             return None
         spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
         if spec is None or spec.loader is None:
             return spec
         original_exec_module = spec.loader.exec_module
+        after_import = self.pending.pop(fullname)
+        if not self.pending:
+            sys.meta_path[:] = [finder for finder in sys.meta_path if finder is not self]
 
         def exec_module(module):  # noqa: ANN001, ANN202
             original_exec_module(module)
-            sys.meta_path[:] = [finder for finder in sys.meta_path if finder is not self]
-            import_entry_point_models()
+            after_import()
 
         spec.loader.exec_module = exec_module
         return spec

@@ -19,6 +19,7 @@ from torchvision.transforms import v2
 from anomalib_multiclass.backbone import backbone_normalization
 from anomalib_multiclass.evaluator import PerCategoryEvaluator
 from anomalib_multiclass.post_processing import RankPreservingPostProcessor
+from anomalib_multiclass.resumable import RANDOM_STATES_KEY, collect_random_states, restore_random_states
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class UnifiedModelComponents:
     - ``category_names``, the training categories in index order, saved in and restored from checkpoints;
     - checkpoints that name their model class and format version, and refuse to load into another
       model class or a plugin version with another format (:class:`IncompatibleCheckpointError`);
+    - checkpoints that hold the random states, so that a resumed run draws what the uninterrupted one did;
     - exports (torch, ONNX, OpenVINO) that refuse a model that was never fitted (:class:`NotFittedError`;
       the model class defines ``_missing_fitted_state() -> str | None``).
     """
@@ -131,6 +133,7 @@ class UnifiedModelComponents:
             "package_version": package_version(),
         }
         checkpoint[self.CATEGORIES_KEY] = list(self.category_names)
+        checkpoint[RANDOM_STATES_KEY] = collect_random_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another model or format; adopt its architecture; restore the category names."""
@@ -138,6 +141,24 @@ class UnifiedModelComponents:
         self._adopt_checkpoint_architecture(checkpoint.get("hyper_parameters") or {})
         super().on_load_checkpoint(checkpoint)
         self.category_names = list(checkpoint.get(self.CATEGORIES_KEY, []))
+        if self._trainer is not None:  # a run resumed with --ckpt_path (not load_from_checkpoint)
+            self._random_states_to_restore = checkpoint.get(RANDOM_STATES_KEY)
+
+    def on_train_epoch_start(self) -> None:
+        """A resumed run continues the random draws of the run it resumes (see :mod:`anomalib_multiclass.resumable`)."""
+        self._restore_checkpoint_random_states()
+        super().on_train_epoch_start()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:  # noqa: ANN401
+        """Same as :meth:`on_train_epoch_start`, for a run resumed mid-epoch (which skips that hook)."""
+        self._restore_checkpoint_random_states()
+        return super().on_train_batch_start(batch, batch_idx)
+
+    def _restore_checkpoint_random_states(self) -> None:
+        states = getattr(self, "_random_states_to_restore", None)
+        if states is not None:
+            self._random_states_to_restore = None
+            restore_random_states(states)
 
     def _adopt_checkpoint_architecture(self, saved: dict[str, Any]) -> None:
         """Rebuild the torch model from the checkpoint's arguments where they differ from this instance's.

@@ -13,6 +13,7 @@ import importlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -22,12 +23,15 @@ from anomalib.data import AnomalibDataModule
 from anomalib.data.datasets.base.image import AnomalibDataset
 from anomalib.data.datasets.image.mvtecad import make_mvtec_ad_dataset
 from anomalib.data.utils import LabelName, Split, TestSplitMode, ValSplitMode
+from lightning.pytorch.trainer.states import TrainerFn
 from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms.v2 import Transform
 from torchvision.tv_tensors import Mask
 
 from anomalib_multiclass.batch import CategoryImageBatch, CategoryImageItem
+from anomalib_multiclass.resumable import EpochShuffleSampler
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +209,8 @@ class MultiClassAD(AnomalibDataModule):
         self.dataset = dataset
         self.categories = self._resolve_categories(categories)
         self.category = "all" if categories == "all" else "+".join(self.categories)
+        self._shuffle_seed: int | None = None
+        self._resume_position: tuple[int, int] | None = None
 
     @property
     def name(self) -> str:
@@ -277,3 +283,43 @@ class MultiClassAD(AnomalibDataModule):
         samples = pd.concat([self._category_samples(category) for category in self.categories], ignore_index=True)
         self.train_data = MultiClassDataset(samples[samples["split"] == Split.TRAIN.value].reset_index(drop=True))
         self.test_data = MultiClassDataset(samples[samples["split"] == Split.TEST.value].reset_index(drop=True))
+
+    # ---------------------------------------------------------------------------- resumable training
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches in an order that a resumed run continues exactly (mid-epoch included).
+
+        Each epoch's order comes from ``(shuffle seed, epoch)``; the shuffle seed is ``seed`` when given,
+        else drawn once from torch's generator (seeded by ``--seed_everything``) and kept in checkpoints.
+        """
+        if self._shuffle_seed is None:
+            self._shuffle_seed = self.seed if self.seed is not None else int(torch.randint(2**31 - 1, ()).item())
+        sampler = EpochShuffleSampler(len(self.train_data), self._shuffle_seed)
+        if self._resume_position is not None:
+            sampler.resume_at(*self._resume_position)
+            self._resume_position = None
+        return DataLoader(
+            dataset=self.train_data,
+            sampler=sampler,
+            batch_size=self.train_batch_size,
+            num_workers=self.num_workers,
+            collate_fn=self.external_collate_fn or self.train_data.collate_fn,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The shuffle seed and, during fitting, where the next training sample of the current epoch is."""
+        state: dict[str, Any] = {"shuffle_seed": self._shuffle_seed}
+        trainer = self.trainer
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            epoch = trainer.current_epoch
+            batches_done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            if batches_done >= trainer.num_training_batches:  # saved at the epoch's end: the next one starts
+                epoch, batches_done = epoch + 1, 0
+            state["resume_epoch"] = epoch
+            state["resume_sample"] = batches_done * self.train_batch_size
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the checkpoint's shuffle, from the first training sample that its run had not used."""
+        self._shuffle_seed = state_dict.get("shuffle_seed")
+        if "resume_epoch" in state_dict:
+            self._resume_position = (state_dict["resume_epoch"], state_dict["resume_sample"])

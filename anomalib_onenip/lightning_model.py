@@ -191,7 +191,16 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
 
     def on_train_start(self) -> None:
         """Cache the backbone features of every normal training image, grouped by category (the prompt pool)."""
-        self._prompt_features = self._cache_prompt_features(self.trainer.train_dataloader)
+        train_loader = self.trainer.train_dataloader
+        # In dataset order, not the training shuffle: the pool (and so each seeded prompt draw) is the same
+        # in a resumed run, and the training loader's resumable order is left to training.
+        in_order = DataLoader(
+            train_loader.dataset,
+            batch_size=train_loader.batch_size,
+            num_workers=train_loader.num_workers,
+            collate_fn=train_loader.collate_fn,
+        )
+        self._prompt_features = self._cache_prompt_features(in_order)
         self.category_names = sorted(self._prompt_features)
         counts = ", ".join(f"{name}: {len(features)}" for name, features in self._prompt_features.items())
         logger.info("OneNIP prompt pool cached (%s).", counts)

@@ -9,12 +9,16 @@ import sys
 from pathlib import Path
 
 
+def anomalib_command() -> list[str]:
+    """The ``anomalib`` console script of the environment that runs the tests."""
+    executable = Path(sys.executable).with_name("anomalib")
+    return [str(executable)] if executable.exists() else [shutil.which("anomalib") or "anomalib"]
+
+
 def run_anomalib(args: list[str], cwd: Path, expect_success: bool = True) -> subprocess.CompletedProcess:
     """``anomalib ARGS`` in ``cwd``; asserts the exit status (0, or non-zero with ``expect_success=False``)."""
-    executable = Path(sys.executable).with_name("anomalib")
-    command = [str(executable)] if executable.exists() else [shutil.which("anomalib") or "anomalib"]
     result = subprocess.run(
-        [*command, *args],
+        [*anomalib_command(), *args],
         cwd=cwd,
         capture_output=True,
         text=True,

@@ -1,0 +1,133 @@
+"""Interrupted training loses nothing: SIGKILL mid-epoch, resume with --ckpt_path, end as if never interrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.cli import anomalib_command, run_anomalib
+
+pytestmark = pytest.mark.slow
+
+SEED = 3
+EPOCHS = 2
+
+
+def _config(path: Path, model: str, data_root: Path, categories: list[str], batch_size: int) -> Path:
+    """A YAML run that keeps a checkpoint after every training step (``checkpoints/epoch=E-step=S.ckpt``)."""
+    path.write_text(
+        f"seed_everything: {SEED}\n"
+        f"model:\n{model}"
+        f"data:\n  class_path: anomalib_multiclass.MultiClassAD\n  init_args:\n    root: {data_root}\n"
+        f"    categories: {json.dumps(categories)}\n    num_workers: 0\n    train_batch_size: {batch_size}\n"
+        f"trainer:\n  max_epochs: {EPOCHS}\n  accelerator: cpu\n  enable_progress_bar: false\n  callbacks:\n"
+        "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n      init_args:\n"
+        "        dirpath: checkpoints\n        filename: '{epoch}-{step}'\n        every_n_train_steps: 1\n"
+        "        save_top_k: -1\n"
+    )
+    return path
+
+
+def _step(checkpoint: Path) -> int:
+    return int(re.search(r"step=(\d+)", checkpoint.name).group(1))
+
+
+def _complete(checkpoint: Path) -> bool:
+    """False for a file the kill cut short."""
+    try:
+        torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001  (any failure to read means the write was interrupted)
+        return False
+    return True
+
+
+def _final_state(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Weights of the run's last checkpoint and its per-category test metrics."""
+    last = max((run_dir / "checkpoints").glob("*.ckpt"), key=_step)
+    state = torch.load(last, map_location="cpu", weights_only=False)["state_dict"]
+    metrics = json.loads(next(run_dir.glob("results/*/*/*/latest/metrics_per_category.json")).read_text())
+    return state, metrics
+
+
+def _interrupted_then_resumed(config: Path, run_dir: Path, steps_per_epoch: int) -> int:
+    """Train, SIGKILL the process once it is inside the second epoch, resume from the newest checkpoint.
+
+    Returns the step of the checkpoint the resumed run started from (always mid-epoch).
+    """
+    run_dir.mkdir()
+    kill_after = steps_per_epoch + steps_per_epoch // 2  # inside the second epoch
+    process = subprocess.Popen(  # noqa: S603
+        [*anomalib_command(), "train", "-c", str(config)],
+        cwd=run_dir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    deadline = time.monotonic() + 600
+    while process.poll() is None and time.monotonic() < deadline:
+        if any(_step(path) >= kill_after for path in (run_dir / "checkpoints").glob("*.ckpt")):
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed mid-epoch"
+    candidates = [
+        path
+        for path in (run_dir / "checkpoints").glob("*.ckpt")
+        if _step(path) % steps_per_epoch != 0 and _complete(path)
+    ]
+    resume_from = max(candidates, key=_step)
+    run_anomalib(["train", "-c", str(config), "--ckpt_path", str(resume_from)], run_dir)
+    return _step(resume_from)
+
+
+def _assert_same_end(uninterrupted: Path, resumed: Path) -> None:
+    expected_state, expected_metrics = _final_state(uninterrupted)
+    state, metrics = _final_state(resumed)
+    assert state.keys() == expected_state.keys()
+    for name, value in expected_state.items():
+        assert torch.equal(state[name], value), f"{name} differs after resuming"
+    assert metrics == expected_metrics
+
+
+def _resume_check(tmp_path: Path, model: str, data_root: Path, categories: list[str], batch_size: int,
+                  steps_per_epoch: int) -> None:
+    config = _config(tmp_path / "config.yaml", model, data_root, categories, batch_size)
+    uninterrupted = tmp_path / "uninterrupted"
+    uninterrupted.mkdir()
+    run_anomalib(["train", "-c", str(config)], uninterrupted)
+    assert max(map(_step, (uninterrupted / "checkpoints").glob("*.ckpt"))) == EPOCHS * steps_per_epoch
+    resumed_at = _interrupted_then_resumed(config, tmp_path / "resumed", steps_per_epoch)
+    assert steps_per_epoch < resumed_at < EPOCHS * steps_per_epoch
+    _assert_same_end(uninterrupted, tmp_path / "resumed")
+
+
+def test_onenip_killed_mid_epoch_resumes_to_the_same_model_and_metrics(tiny_dataset: Path, tmp_path: Path) -> None:
+    """Random prompts, synthetic anomalies and the shuffle continue where the killed run stopped."""
+    model = (
+        "  class_path: anomalib_onenip.OneNIP\n  init_args:\n    backbone: tf_efficientnet_lite0\n"
+        "    pre_trained: false\n    input_size: [64, 64]\n    hidden_dim: 32\n    num_heads: 2\n"
+        "    num_encoder_layers: 1\n    num_decoder_layers: 1\n    dim_feedforward: 64\n    visualizer: false\n"
+    )
+    _resume_check(tmp_path, model, tiny_dataset, ["brick", "grass", "gravel"], batch_size=4, steps_per_epoch=6)
+
+
+def test_diad_stage_two_killed_mid_epoch_resumes_to_the_same_model_and_metrics(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """Diffusion noise, timesteps and the shuffle continue where the killed run stopped."""
+    pytest.importorskip("diffusers")
+    model = (
+        "  class_path: anomalib_diad.DiAD\n  init_args:\n    architecture: tiny\n    input_size: [128, 128]\n"
+        "    diffusion_weights: null\n    pre_trained: false\n    backbone: resnet18\n    stage: diffusion\n"
+        "    ddim_steps: 1\n    calibration_images_per_category: 2\n    accumulate_grad_batches: 1\n"
+        "    visualizer: false\n"
+    )
+    _resume_check(tmp_path, model, tiny_dataset, ["brick"], batch_size=2, steps_per_epoch=4)
