@@ -1,4 +1,4 @@
-"""Two fixes to anomalib 2.7's CLI that seeded and resumed training need.
+"""Fixes to anomalib 2.7's CLI that seeded and resumed training, and clear checkpoint errors, need.
 
 - ``anomalib train --seed_everything N`` (or the top-level config key) is parsed but never applied:
   two runs of one config start from different weights and draw different random numbers. The fix
@@ -7,6 +7,9 @@
 - ``anomalib train --ckpt_path CKPT`` resumes training from ``CKPT`` and then *tests ``CKPT``*
   (``Engine.train`` passes the path on to ``Trainer.test``), so the metrics it reports are those of
   the checkpoint it started from, not of the model it trained. The fix tests the trained model.
+- ``--ckpt_path`` of a missing or truncated file fails deep in ``torch.load`` with a message that
+  does not name the file, and a checkpoint of another model fails without naming it either. The fix
+  checks the file first and adds its path to the plugins' :class:`IncompatibleCheckpointError`.
 
 The start-up hook (``anomalib_plugins_autoload``) calls :func:`apply_anomalib_cli_fixes` once
 ``anomalib.cli.cli`` is imported.
@@ -20,6 +23,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from lightning.pytorch import Trainer, seed_everything
+
+from anomalib_multiclass.components import IncompatibleCheckpointError, check_checkpoint_file
 
 
 def apply_anomalib_cli_fixes() -> None:
@@ -40,10 +45,20 @@ def apply_anomalib_cli_fixes() -> None:
 
     @functools.wraps(original_run)
     def run_subcommand(self: Any) -> None:  # noqa: ANN401
-        if self.subcommand == "train" and self._get(self.config, "ckpt_path"):  # noqa: SLF001
-            with _test_the_trained_model():
-                return original_run(self)
-        return original_run(self)
+        ckpt_path = self._get(self.config, "ckpt_path")  # noqa: SLF001
+        if not ckpt_path:
+            return original_run(self)
+        check_checkpoint_file(ckpt_path)
+        try:
+            if self.subcommand == "train":
+                with _test_the_trained_model():
+                    return original_run(self)
+            return original_run(self)
+        except IncompatibleCheckpointError as error:
+            if str(ckpt_path) in str(error):
+                raise
+            msg = f"'{ckpt_path}': {error}"
+            raise IncompatibleCheckpointError(msg) from None
 
     before_instantiate_classes.multiclass_fixes = True
     AnomalibCLI.before_instantiate_classes = before_instantiate_classes

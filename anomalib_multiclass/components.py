@@ -37,6 +37,26 @@ def package_version() -> str:
         return "unknown"
 
 
+def check_checkpoint_file(checkpoint_path: str | Path) -> Path:
+    """The path of a checkpoint file that exists and is a complete torch archive, else an error naming it.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is not a torch checkpoint (truncated by an interrupted copy, or another file).
+    """
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        msg = f"Checkpoint '{path}' does not exist: give the model.ckpt that `anomalib train` wrote."
+        raise FileNotFoundError(msg)
+    if not zipfile.is_zipfile(path):
+        msg = (
+            f"Checkpoint '{path}' is not a readable torch checkpoint (truncated or corrupted?): give the "
+            "model.ckpt that `anomalib train` wrote."
+        )
+        raise ValueError(msg)
+    return path
+
+
 class IncompatibleCheckpointError(ValueError):
     """A checkpoint that this model class or this version of the package cannot load."""
 
@@ -210,16 +230,7 @@ class UnifiedModelComponents:
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: str | Path, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
         """Lightning's ``load_from_checkpoint``, with errors that name the file and what to do."""
-        path = Path(checkpoint_path)
-        if not path.is_file():
-            msg = f"Checkpoint '{path}' does not exist: give the model.ckpt that `anomalib train` wrote."
-            raise FileNotFoundError(msg)
-        if not zipfile.is_zipfile(path):
-            msg = (
-                f"Checkpoint '{path}' is not a readable torch checkpoint (truncated or corrupted?): give the "
-                "model.ckpt that `anomalib train` wrote."
-            )
-            raise ValueError(msg)
+        path = check_checkpoint_file(checkpoint_path)
         try:
             return super().load_from_checkpoint(path, *args, **kwargs)
         except IncompatibleCheckpointError as error:

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 from anomalib import TaskType
-from anomalib.data import AnomalibDataModule
+from anomalib.data import AnomalibDataModule, ImageItem, PredictDataset
 from anomalib.data.datasets.base.image import AnomalibDataset
 from anomalib.data.datasets.image.mvtecad import make_mvtec_ad_dataset
 from anomalib.data.utils import LabelName, Split, TestSplitMode, ValSplitMode
@@ -89,6 +89,43 @@ def read_binary_mask(path: str) -> torch.Tensor:
     return torch.from_numpy((array > 0).astype(np.uint8))
 
 
+def _check_mask_sizes(samples: pd.DataFrame) -> None:
+    """Fail before training when a mask's size differs from its image's (reads the file headers only)."""
+    for image_path, mask_path in zip(samples.image_path, samples.mask_path, strict=True):
+        if not isinstance(mask_path, str) or not mask_path:
+            continue
+        try:
+            with Image.open(image_path) as image, Image.open(mask_path) as mask:
+                image_size, mask_size = image.size, mask.size
+        except (UnidentifiedImageError, OSError) as error:
+            msg = f"Cannot read '{image_path}' or its mask '{mask_path}': {error}. Replace the unreadable file."
+            raise ValueError(msg) from error
+        if image_size != mask_size:
+            msg = (
+                f"Mask '{mask_path}' is {mask_size[::-1]} (H, W) but its image '{image_path}' is {image_size[::-1]}. "
+                "Save the mask at the image's size."
+            )
+            raise ValueError(msg)
+
+
+class PredictImages(PredictDataset):
+    """anomalib's :class:`~anomalib.data.PredictDataset` (an image file or a folder) read with :func:`read_rgb_image`.
+
+    anomalib's own reader clips 16-bit images to white and does not name a truncated JPEG; this one
+    reads 16-bit, grayscale and RGBA images correctly and names any file it cannot read. Use it with
+    ``anomalib predict --data anomalib_multiclass.PredictImages --data.path PATH``. Files without an
+    image extension in the folder are ignored, as in anomalib.
+    """
+
+    def __getitem__(self, index: int) -> ImageItem:
+        """Image ``[3, H, W]`` in ``[0, 1]`` (after ``transform``) and its path."""
+        path = str(self.image_filenames[index])
+        image = read_rgb_image(path)
+        if self.transform:
+            image = self.transform(image)
+        return ImageItem(image=image, image_path=path)
+
+
 class MultiClassDataset(AnomalibDataset):
     """Samples of several categories; ``samples`` has a ``category`` column and items carry it.
 
@@ -122,13 +159,7 @@ class MultiClassDataset(AnomalibDataset):
         if self.task == TaskType.SEGMENTATION and row.label_index == LabelName.NORMAL:
             gt_mask = Mask(torch.zeros(image.shape[-2:], dtype=torch.uint8))
         elif self.task == TaskType.SEGMENTATION:
-            gt_mask = Mask(read_binary_mask(row.mask_path))
-            if gt_mask.shape != image.shape[-2:]:
-                msg = (
-                    f"Mask '{row.mask_path}' is {tuple(gt_mask.shape)} (H, W) but its image '{row.image_path}' "
-                    f"is {tuple(image.shape[-2:])}. Save the mask at the image's size."
-                )
-                raise ValueError(msg)
+            gt_mask = Mask(read_binary_mask(row.mask_path))  # its size was checked by MultiClassAD's setup
         if self.augmentations:
             if gt_mask is None:
                 image = self.augmentations(image)
@@ -281,6 +312,7 @@ class MultiClassAD(AnomalibDataModule):
 
     def _setup(self, _stage: str | None = None) -> None:
         samples = pd.concat([self._category_samples(category) for category in self.categories], ignore_index=True)
+        _check_mask_sizes(samples)
         self.train_data = MultiClassDataset(samples[samples["split"] == Split.TRAIN.value].reset_index(drop=True))
         self.test_data = MultiClassDataset(samples[samples["split"] == Split.TEST.value].reset_index(drop=True))
 
