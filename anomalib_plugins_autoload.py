@@ -6,9 +6,10 @@ to this module imports it at interpreter start-up; it installs a meta-path finde
 so start-up stays free of torch. When ``anomalib.models`` is first imported, the finder loads
 every model declared in the ``anomalib.models`` entry-point group; each plugin package attaches
 its model to ``anomalib.models`` when imported, so ``get_model("OneNIP")`` and the CLI find it.
-When ``anomalib.cli.cli`` is imported, it fixes two traps of anomalib 2.7's CLI: ``--seed_everything N``
-is parsed but ignored, and ``train --ckpt_path`` tests the checkpoint it resumed from instead of the
-model it trained (see :mod:`anomalib_multiclass.cli_fixes`).
+When ``anomalib.cli.cli`` and anomalib's checkpoint IO are imported, it fixes traps of anomalib 2.7:
+``--seed_everything N`` parsed but ignored, ``train --ckpt_path`` testing the checkpoint it resumed
+from instead of the model it trained, unclear checkpoint errors, and GPU checkpoints that do not load
+on a CPU (see :mod:`anomalib_multiclass.anomalib_fixes`).
 """
 
 from __future__ import annotations
@@ -41,17 +42,25 @@ def import_entry_point_models() -> None:
             traceback.print_exc()
 
 
-def apply_cli_fixes() -> None:
-    """Fix anomalib 2.7 CLI traps: ignored ``--seed_everything``, resumed ``train`` testing its start checkpoint."""
-    try:
-        from anomalib_multiclass.cli_fixes import apply_anomalib_cli_fixes
-    except ImportError:  # the package was removed but this hook was left behind
-        return
-    apply_anomalib_cli_fixes()
+def _apply_fix(name: str):  # noqa: ANN202
+    """A hook that runs ``anomalib_multiclass.anomalib_fixes.<name>`` (skipped if the package was removed)."""
+
+    def apply() -> None:
+        try:
+            fixes = importlib.import_module("anomalib_multiclass.anomalib_fixes")
+        except ImportError:
+            return
+        getattr(fixes, name)()
+
+    return apply
 
 
 # module -> what runs right after that module is first imported
-_AFTER_IMPORT = {"anomalib.models": import_entry_point_models, "anomalib.cli.cli": apply_cli_fixes}
+_AFTER_IMPORT = {
+    "anomalib.models": import_entry_point_models,
+    "anomalib.cli.cli": _apply_fix("apply_anomalib_cli_fixes"),
+    "anomalib.engine.plugins.checkpoint_io": _apply_fix("apply_checkpoint_io_fix"),
+}
 
 
 class _AnomalibModelsFinder(importlib.abc.MetaPathFinder):

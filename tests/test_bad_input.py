@@ -258,3 +258,26 @@ def test_nan_or_inf_in_the_input_tensor_is_named(handled_runs: dict, model: str,
     batch = ImageBatch(image=images, image_path=["ok.png", "broken.png"])
     with torch.no_grad(), pytest.raises(ValueError, match=r"Images \['broken.png'\] contain NaN or Inf values"):
         network.predict_step(batch, 0)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_checkpoint_saved_on_a_gpu_predicts_on_the_cpu(
+    handled_runs: dict, model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every tensor tagged ``cuda:0`` (as a GPU run saves them, with CUDA random states): the same scores on the CPU."""
+    from unittest import mock
+
+    checkpoint = torch.load(handled_runs[model]["checkpoint"], map_location="cpu", weights_only=False)
+    checkpoint["random_states"]["torch.cuda"] = [torch.zeros(16, dtype=torch.uint8)]
+    gpu_checkpoint = tmp_path / "gpu.ckpt"
+    with mock.patch.object(torch.serialization, "location_tag", lambda storage: "cuda:0"):
+        torch.save(checkpoint, gpu_checkpoint)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        torch.load(gpu_checkpoint, weights_only=False)  # really GPU-tagged
+    images = _one_image_folder(handled_runs[model]["source"], tmp_path)
+    scores = []
+    for path in (handled_runs[model]["checkpoint"], gpu_checkpoint):
+        cli = _cli(["predict", *MODEL_ARGS[model], "--ckpt_path", str(path), "--data", str(images),
+                    "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"], tmp_path, monkeypatch)
+        scores.append(float(cli.engine.trainer.predict_loop.predictions[0].pred_score[0]))
+    assert scores[0] == scores[1]

@@ -1,4 +1,4 @@
-"""Fixes to anomalib 2.7's CLI that seeded and resumed training, and clear checkpoint errors, need.
+"""Fixes to anomalib 2.7 traps that seeded and resumed training, GPU checkpoints and clear errors need.
 
 - ``anomalib train --seed_everything N`` (or the top-level config key) is parsed but never applied:
   two runs of one config start from different weights and draw different random numbers. The fix
@@ -11,8 +11,15 @@
   does not name the file, and a checkpoint of another model fails without naming it either. The fix
   checks the file first and adds its path to the plugins' :class:`IncompatibleCheckpointError`.
 
+- A checkpoint saved on a GPU does not load on a CPU-only machine (``anomalib predict/test --ckpt_path``,
+  ``Engine.predict(ckpt_path=...)``): anomalib's checkpoint IO passes ``map_location=None`` to
+  ``torch.load``, so tensors saved on ``cuda:0`` are restored there. The fix loads them on the CPU
+  when no location is given, as Lightning's own checkpoint IO does; Lightning then moves the model
+  to the accelerator of the run.
+
 The start-up hook (``anomalib_plugins_autoload``) calls :func:`apply_anomalib_cli_fixes` once
-``anomalib.cli.cli`` is imported.
+``anomalib.cli.cli`` is imported and :func:`apply_checkpoint_io_fix` once
+``anomalib.engine.plugins.checkpoint_io`` is.
 """
 
 from __future__ import annotations
@@ -24,12 +31,12 @@ from typing import Any
 
 from lightning.pytorch import Trainer, seed_everything
 
-from anomalib_multiclass.components import IncompatibleCheckpointError, check_checkpoint_file
-
 
 def apply_anomalib_cli_fixes() -> None:
     """Wrap ``AnomalibCLI.before_instantiate_classes`` (seed) and ``_run_subcommand`` (resumed train), once."""
     from anomalib.cli.cli import AnomalibCLI
+
+    from anomalib_multiclass.components import IncompatibleCheckpointError, check_checkpoint_file
 
     original_before = AnomalibCLI.before_instantiate_classes
     if getattr(original_before, "multiclass_fixes", False):
@@ -80,3 +87,27 @@ def _test_the_trained_model() -> Iterator[None]:
         yield
     finally:
         Trainer.test = original_test
+
+
+def apply_checkpoint_io_fix() -> None:
+    """Make ``AnomalibCheckpointIO.load_checkpoint`` load on the CPU when given no ``map_location`` (once)."""
+    from anomalib.engine.plugins.checkpoint_io import AnomalibCheckpointIO
+
+    original_load = AnomalibCheckpointIO.load_checkpoint
+    if getattr(original_load, "multiclass_fixes", False):
+        return
+
+    @functools.wraps(original_load)
+    def load_checkpoint(self: Any, path: Any, map_location: Any = None, **kwargs: Any) -> Any:  # noqa: ANN401
+        if map_location is None:
+            map_location = _keep_on_cpu
+        return original_load(self, path, map_location=map_location, **kwargs)
+
+    load_checkpoint.multiclass_fixes = True
+    AnomalibCheckpointIO.load_checkpoint = load_checkpoint
+
+
+def _keep_on_cpu(storage: Any, location: str) -> Any:  # noqa: ANN401
+    """``torch.load`` location function: every storage stays where it was read, on the CPU."""
+    del location
+    return storage
