@@ -137,8 +137,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
         axis.set_xticks([index + 0.4 - width / 2 for index in range(len(categories))], categories, rotation=30)
         axis.set_title(metric)
         axis.set_ylim(0, 1)
-    axes[0].legend(fontsize=8)
-    figure.tight_layout()
+    figure.legend(*axes[0].get_legend_handles_labels(), loc="upper center", ncol=len(models))
+    figure.tight_layout(rect=(0, 0, 1, 0.9))
     figure.savefig(path, dpi=120)
 
 
