@@ -73,6 +73,10 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
         prompts_per_category: encoded prompts kept per category in the prompt bank.
         calibration_images_per_category: training images per category used to set the refiner
             scale ``kappa`` (see :meth:`build_prompt_bank`).
+        reuse_cached_query_features: training reads the backbone features of the normal images from
+            the prompt-pool cache instead of recomputing them (the same numbers: the backbone is frozen
+            and in eval mode); only their synthetic twins go through the backbone. Ignored when the
+            training set has random augmentations. False runs the backbone on both, as the official code.
         pre_processor, post_processor, evaluator, visualizer: anomalib components.
     """
 
@@ -106,6 +110,7 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
         gradient_clip_val: float = 0.1,
         prompts_per_category: int = 1,
         calibration_images_per_category: int = 64,
+        reuse_cached_query_features: bool = True,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
@@ -147,6 +152,8 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
         self.register_buffer("backbone_weights_loaded", torch.tensor(False))
         self.category_names: list[str] = []
         self._prompt_features: dict[str, torch.Tensor] = {}
+        # image path -> (category, row in _prompt_features[category]), when query features may come from the cache
+        self._cached_rows: dict[str, tuple[str, int]] = {}
         self._prompt_bank_outdated = False
 
     @property
@@ -200,24 +207,41 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
             num_workers=train_loader.num_workers,
             collate_fn=train_loader.collate_fn,
         )
-        self._prompt_features = self._cache_prompt_features(in_order)
-        self.category_names = sorted(self._prompt_features)
+        augmented = getattr(train_loader.dataset, "augmentations", None) is not None
+        self.cache_training_features(in_order, reuse_for_queries=self.hparams.reuse_cached_query_features and not augmented)
         counts = ", ".join(f"{name}: {len(features)}" for name, features in self._prompt_features.items())
         logger.info("OneNIP prompt pool cached (%s).", counts)
 
     @torch.no_grad()
-    def _cache_prompt_features(self, dataloader: DataLoader) -> dict[str, torch.Tensor]:
+    def cache_training_features(self, dataloader: DataLoader, reuse_for_queries: bool = True) -> None:
+        """Cache the frozen backbone's features of every training image, by category: ``[N_c, C, h, w]`` each.
+
+        They are the prompt pool. With ``reuse_for_queries`` the training steps also read the features
+        of their normal query images from here instead of running the backbone on them again: the
+        backbone is frozen and in eval mode, so they are the same numbers (this needs training images
+        without random augmentations). Only the synthetic-anomaly twins then go through the backbone.
+        """
         features: dict[str, list[torch.Tensor]] = {}
+        paths: dict[str, list[str]] = {}
         self.model.feature_extractor.eval()
-        for batch in track(dataloader, description="OneNIP: caching prompt features", transient=True):
+        for batch in track(dataloader, description="OneNIP: caching training features", transient=True):
             images = self._pre_process(batch.image.to(self.device))
             batch_features = self.model.extract_features(images).cpu()
-            for category, feature in zip(self._batch_categories(batch), batch_features, strict=True):
+            batch_paths = getattr(batch, "image_path", None) or [None] * len(batch_features)
+            for category, path, feature in zip(self._batch_categories(batch), batch_paths, batch_features, strict=True):
                 features.setdefault(category, []).append(feature)
+                paths.setdefault(category, []).append(path)
         if not features:
             msg = "The training set is empty: OneNIP needs normal training images of every category."
             raise ValueError(msg)
-        return {category: torch.stack(values) for category, values in sorted(features.items())}
+        self._prompt_features = {category: torch.stack(values) for category, values in sorted(features.items())}
+        self.category_names = sorted(self._prompt_features)
+        self._cached_rows = {
+            str(path): (category, row)
+            for category, category_paths in paths.items()
+            for row, path in enumerate(category_paths)
+            if path is not None and reuse_for_queries
+        }
 
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """One step over ``B`` normal images, their synthetic twins and one random same-category prompt each."""
@@ -227,7 +251,12 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
         anomalous, masks = self.anomaly_generator(images * std + mean)
         anomalous = (anomalous - mean) / std
         prompt_features = self._random_prompt_features(self._batch_categories(batch)).to(images)
-        output = self.model(images, anomalous_images=anomalous, prompt_features=prompt_features)
+        output = self.model(
+            images,
+            anomalous_images=anomalous,
+            prompt_features=prompt_features,
+            query_features=self._cached_query_features(batch),
+        )
         masks = torch.cat([torch.zeros_like(masks), masks])
         losses = self.loss(output.reconstruction, output.target, output.refiner_logits, masks)
         self.log("train_loss", losses["loss"], on_epoch=True, prog_bar=True, logger=True, batch_size=len(images))
@@ -235,6 +264,13 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
         self.log("train_dice_loss", losses["dice_loss"], on_epoch=True, logger=True, batch_size=len(images))
         self._prompt_bank_outdated = True
         return {"loss": losses["loss"]}
+
+    def _cached_query_features(self, batch: Batch) -> torch.Tensor | None:
+        """The cached backbone features of the batch's images ``[B, C, h, w]``, or None if any is not cached."""
+        rows = [self._cached_rows.get(str(path)) for path in (getattr(batch, "image_path", None) or [None])]
+        if not rows or None in rows:
+            return None
+        return torch.stack([self._prompt_features[category][row] for category, row in rows]).to(batch.image)
 
     def _random_prompt_features(self, categories: list[str]) -> torch.Tensor:
         """One uniformly random cached training image of the same category per sample: ``[B, C, h, w]``."""

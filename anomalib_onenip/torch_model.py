@@ -167,6 +167,7 @@ class OneNIPModel(nn.Module):
         anomalous_images: torch.Tensor | None = None,
         prompt_features: torch.Tensor | None = None,
         category_index: torch.Tensor | None = None,
+        query_features: torch.Tensor | None = None,
     ) -> TrainingOutput | InferenceBatch:
         """Training: :class:`TrainingOutput`; inference: :class:`InferenceBatch`.
 
@@ -176,12 +177,14 @@ class OneNIPModel(nn.Module):
             prompt_features: (training) backbone features of one normal prompt per image ``[B, C, h, w]``.
             category_index: (inference) category of each image ``[B]`` for the prompt choice, or
                 None to let the model choose the nearest prompt of any category.
+            query_features: (training) the backbone features of ``images`` ``[B, C, h, w]`` when they
+                are already known (cached), or None to compute them.
         """
         if self.training:
             if anomalous_images is None or prompt_features is None:
                 msg = "OneNIP training needs `anomalous_images` and `prompt_features`."
                 raise ValueError(msg)
-            return self.training_forward(images, anomalous_images, prompt_features)
+            return self.training_forward(images, anomalous_images, prompt_features, query_features)
         return self.predict(images, category_index)
 
     def training_forward(
@@ -189,11 +192,15 @@ class OneNIPModel(nn.Module):
         images: torch.Tensor,
         anomalous_images: torch.Tensor,
         prompt_features: torch.Tensor,
+        query_features: torch.Tensor | None = None,
     ) -> TrainingOutput:
         """Reconstruction (normal query) and restoration (synthetic anomaly, same prompt) branches."""
         batch_size = images.shape[0]
-        features = self.extract_features(torch.cat([images, anomalous_images]))
-        query_features = features[:batch_size]
+        if query_features is None:
+            features = self.extract_features(torch.cat([images, anomalous_images]))
+            query_features = features[:batch_size]
+        else:
+            features = torch.cat([query_features, self.extract_features(anomalous_images)])
         tokens = self.jitter(self.to_tokens(torch.cat([features, prompt_features])))
         encoded = self.transformer.encode(tokens)
         encoded_queries, encoded_prompts = encoded[: 2 * batch_size], encoded[2 * batch_size :]

@@ -185,3 +185,21 @@ def test_nan_or_inf_in_the_input_is_named(trained_onenip, value: float) -> None:
     batch.image[1, 0, 5, 5] = value
     with pytest.raises(ValueError, match=rf"Images \['{batch.image_path[1]}'\] contain NaN or Inf values"):
         model.predict_step(batch)
+
+
+def test_training_step_with_cached_query_features_matches_the_backbone_pass(tiny_dataset: Path) -> None:
+    """The normal images' features come from the training cache: the same loss as running the backbone on them."""
+    datamodule = MultiClassAD(root=tiny_dataset, train_batch_size=4, num_workers=0)
+    datamodule.setup()
+    model = OneNIP(**{**TINY_ONENIP, "pre_trained": True}, dropout=0.0).train()
+    model.cache_training_features(datamodule.train_dataloader())
+    batch = next(iter(datamodule.train_dataloader()))
+    batch = batch.update(image=model._pre_process(batch.image))  # noqa: SLF001  (what the pre-processor does)
+    assert model._cached_query_features(batch) is not None  # noqa: SLF001
+    losses = []
+    for reuse in (True, False):
+        model.cache_training_features(datamodule.train_dataloader(), reuse_for_queries=reuse)
+        torch.manual_seed(3)
+        losses.append(model.training_step(batch)["loss"].item())
+    assert model._cached_query_features(batch) is None  # noqa: SLF001  (the second run computed them)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)

@@ -2,11 +2,11 @@
 
     python tests/benchmarks/onenip_train_speed.py --root ../shared/data/real_ad --categories bottle --steps 10
 
-Runs ``--steps`` training steps of the anomalib module (Lite0 backbone, 256 px, a transformer of
+Runs ``--steps`` training steps of the anomalib module (``--backbone``, 256 px, a transformer of
 half the paper's size; random weights: timing does not depend on them) on batches of the real
 training images, and reports images/s with the time of each phase: loading a batch, pre-processing,
-synthetic anomalies, the prompt draw, forward with loss, and backward with the optimiser step.
-``--profile`` also prints torch.profiler's top operators.
+the training step (synthetic anomalies, prompt draw, forward, loss), and backward with the optimiser
+step. ``--profile`` also prints torch.profiler's top operators.
 """
 
 from __future__ import annotations
@@ -27,10 +27,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", required=True)
     parser.add_argument("--categories", nargs="+", required=True)
+    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
     parser.add_argument("--input-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--reuse-cached-query-features", type=int, choices=[0, 1], default=1,
+                        help="1: normal images' features from the cache (default); 0: the backbone runs on them")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -38,13 +41,13 @@ def main() -> None:
     datamodule = MultiClassAD(root=args.root, categories=args.categories, train_batch_size=args.batch_size,
                               num_workers=args.num_workers)
     datamodule.setup()
-    model = OneNIP(backbone="tf_efficientnet_lite0", pre_trained=False, input_size=(args.input_size,) * 2,
+    model = OneNIP(backbone=args.backbone, pre_trained=False, input_size=(args.input_size,) * 2,
                    hidden_dim=128, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=512, visualizer=False)
     loader = datamodule.train_dataloader()
-    model._prompt_features = model._cache_prompt_features(loader)  # noqa: SLF001  (what on_train_start does)
+    model.cache_training_features(loader, reuse_for_queries=args.reuse_cached_query_features)  # as on_train_start
     optimizer = model.configure_optimizers()["optimizer"]
     model.train()
-    mean, std = model._normalization()  # noqa: SLF001
+    model.model.feature_extractor.eval()  # as on_train_start leaves it
     phases: dict[str, float] = defaultdict(float)
 
     def clock(name: str, start: float) -> float:
@@ -66,22 +69,15 @@ def main() -> None:
             except StopIteration:
                 break
             start = clock("load batch", start)
-            images = model._pre_process(batch.image)  # noqa: SLF001
+            batch = batch.update(image=model._pre_process(batch.image))  # noqa: SLF001
             start = clock("pre-process", start)
-            anomalous, masks = model.anomaly_generator(images * std + mean)
-            anomalous = (anomalous - mean) / std
-            start = clock("synthetic anomalies", start)
-            prompts = model._random_prompt_features(list(batch.category))  # noqa: SLF001
-            start = clock("prompt draw", start)
-            output = model.model(images, anomalous_images=anomalous, prompt_features=prompts)
-            losses = model.loss(output.reconstruction, output.target, output.refiner_logits,
-                                torch.cat([torch.zeros_like(masks), masks]))
-            start = clock("forward + loss", start)
+            loss = model.training_step(batch)["loss"]
+            start = clock("training step (anomalies, prompts, forward, loss)", start)
             optimizer.zero_grad()
-            losses["loss"].backward()
+            loss.backward()
             optimizer.step()
             clock("backward + step", start)
-            images_seen += len(images)
+            images_seen += len(batch.image)
             step += 1
     total = time.perf_counter() - total_start
     if profiler:

@@ -33,6 +33,7 @@ from pathlib import Path
 import psutil
 import torch
 from timing import median_seconds
+from torch.nn import functional as F  # noqa: N812
 
 from anomalib_diad.torch_model import DiADModel
 from anomalib_onenip.torch_model import OneNIPModel
@@ -50,9 +51,12 @@ class OfficialStyleDiAD(DiADModel):
         return unconditional + 1.0 * (conditional - unconditional)
 
 
-def onenip_official_map(model: OneNIPModel, images: torch.Tensor, prompt_images: torch.Tensor,
-                        category_index: torch.Tensor) -> torch.Tensor:
-    """The official inference: each query's prompt image ``[B, 3, H, W]`` through backbone and encoder: ``[B, 1, H, W]``."""
+def onenip_official(model: OneNIPModel, images: torch.Tensor, prompt_images: torch.Tensor,
+                    category_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official inference: each query's prompt image ``[B, 3, H, W]`` through backbone and encoder.
+
+    Returns the map ``[B, 1, H, W]`` and the image score ``[B]`` (the official square box filter).
+    """
     features = model.extract_features(images)
     encoded_prompt = model.encode_prompts(model.extract_features(prompt_images))
     reconstruction_map, refiner_map = model.residual_maps(model.reconstruct(features, encoded_prompt), features)
@@ -60,7 +64,9 @@ def onenip_official_map(model: OneNIPModel, images: torch.Tensor, prompt_images:
     anomaly_map = weight * reconstruction_map + (1 - weight) * model.refiner_scale * refiner_map
     mean = model.prompt_bank.score_mean[category_index].view(-1, 1, 1, 1)
     std = model.prompt_bank.score_std[category_index].view(-1, 1, 1, 1)
-    return (anomaly_map - mean) / std
+    anomaly_map = (anomaly_map - mean) / std
+    pool_size = min(model.score_pool_size, *model.input_size)
+    return anomaly_map, F.avg_pool2d(anomaly_map, pool_size, stride=1).amax(dim=(1, 2, 3))
 
 
 def build_onenip(backbone: str, input_size: int, categories: int, device: str) -> tuple[OneNIPModel, torch.Tensor]:
@@ -153,11 +159,11 @@ def run_onenip(args: argparse.Namespace, device: str, precisions: list[str]) -> 
         category_index = torch.arange(batch_size, device=device) % args.categories
         prompts = prompt_images[category_index]
         with torch.inference_mode():
-            reference = onenip_official_map(model, images, prompts, category_index)
+            reference = onenip_official(model, images, prompts, category_index)[0]
         paths = {
             "onenip_backbone": lambda images=images: model.extract_features(images),
-            "onenip_official": lambda images=images, prompts=prompts, index=category_index: onenip_official_map(
-                model, images, prompts, index),
+            "onenip_official": lambda images=images, prompts=prompts, index=category_index: onenip_official(
+                model, images, prompts, index)[0],
             "onenip_bank": lambda images=images, index=category_index: model.predict(images, index).anomaly_map,
         }
         rows += [
