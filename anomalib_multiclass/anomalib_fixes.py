@@ -55,7 +55,8 @@ def apply_anomalib_cli_fixes() -> None:
         ckpt_path = self._get(self.config, "ckpt_path")  # noqa: SLF001
         if not ckpt_path:
             return original_run(self)
-        check_checkpoint_file(ckpt_path)
+        if not _lightning_checkpoint_alias(ckpt_path):
+            check_checkpoint_file(ckpt_path)
         try:
             if self.subcommand == "train":
                 with _test_the_trained_model():
@@ -70,6 +71,12 @@ def apply_anomalib_cli_fixes() -> None:
     before_instantiate_classes.multiclass_fixes = True
     AnomalibCLI.before_instantiate_classes = before_instantiate_classes
     AnomalibCLI._run_subcommand = run_subcommand  # noqa: SLF001
+
+
+def _lightning_checkpoint_alias(ckpt_path: Any) -> bool:  # noqa: ANN401
+    """``best``, ``last``, ``hpc`` and ``registry[:...]`` name checkpoints that Lightning finds itself."""
+    name = str(ckpt_path)
+    return name in {"best", "last", "hpc", "registry"} or name.startswith("registry:")
 
 
 @contextmanager
