@@ -236,12 +236,14 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
             raise ValueError(msg)
         self._prompt_features = {category: torch.stack(values) for category, values in sorted(features.items())}
         self.category_names = sorted(self._prompt_features)
-        self._cached_rows = {
-            str(path): (category, row)
-            for category, category_paths in paths.items()
-            for row, path in enumerate(category_paths)
-            if path is not None and reuse_for_queries
-        }
+        self._cached_rows = {}
+        if reuse_for_queries:
+            self._cached_rows = {
+                str(path): (category, row)
+                for category, category_paths in paths.items()
+                for row, path in enumerate(category_paths)
+                if path is not None
+            }
 
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """One step over ``B`` normal images, their synthetic twins and one random same-category prompt each."""
@@ -267,8 +269,11 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
 
     def _cached_query_features(self, batch: Batch) -> torch.Tensor | None:
         """The cached backbone features of the batch's images ``[B, C, h, w]``, or None if any is not cached."""
-        rows = [self._cached_rows.get(str(path)) for path in (getattr(batch, "image_path", None) or [None])]
-        if not rows or None in rows:
+        paths = getattr(batch, "image_path", None)
+        if not self._cached_rows or not paths:
+            return None
+        rows = [self._cached_rows.get(str(path)) for path in paths]
+        if None in rows:
             return None
         return torch.stack([self._prompt_features[category][row] for category, row in rows]).to(batch.image)
 

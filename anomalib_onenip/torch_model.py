@@ -224,9 +224,21 @@ class OneNIPModel(nn.Module):
             ``A`` and the category index of the prompt used for each query ``[B]``.
         """
         encoded_prompt, prompt_category = self.prompt_bank.select(self.global_features(features), category_index)
+        return self.prompted_map(features, encoded_prompt), prompt_category
+
+    def prompted_map(self, features: torch.Tensor, encoded_prompt: torch.Tensor) -> torch.Tensor:
+        """``A`` ``[B, 1, H, W]`` for query features ``[B, C, h, w]`` and one encoded prompt per query ``[B, N, D]``."""
         reconstruction_map, refiner_map = self.residual_maps(self.reconstruct(features, encoded_prompt), features)
         weight = self.reconstruction_weight
-        return weight * reconstruction_map + (1 - weight) * self.refiner_scale * refiner_map, prompt_category
+        return weight * reconstruction_map + (1 - weight) * self.refiner_scale * refiner_map
+
+    def standardized(self, anomaly_map: torch.Tensor, prompt_category: torch.Tensor) -> torch.Tensor:
+        """With ``normalize_per_category``: ``(A - mean_c) / std_c`` for each map's prompt category ``[B]``."""
+        if not self.normalize_per_category:
+            return anomaly_map
+        mean = self.prompt_bank.score_mean[prompt_category].view(-1, 1, 1, 1)
+        std = self.prompt_bank.score_std[prompt_category].view(-1, 1, 1, 1)
+        return (anomaly_map - mean) / std
 
     def image_score(self, anomaly_map: torch.Tensor) -> torch.Tensor:
         """Maximum of the map after a ``score_pool_size`` average pooling (stride 1): ``[B]``.
@@ -251,8 +263,5 @@ class OneNIPModel(nn.Module):
             msg = "OneNIP has no prompt bank yet: train the model (or load a trained checkpoint) before inference."
             raise RuntimeError(msg)
         anomaly_map, prompt_category = self.fused_map(self.extract_features(images), category_index)
-        if self.normalize_per_category:
-            mean = self.prompt_bank.score_mean[prompt_category].view(-1, 1, 1, 1)
-            std = self.prompt_bank.score_std[prompt_category].view(-1, 1, 1, 1)
-            anomaly_map = (anomaly_map - mean) / std
+        anomaly_map = self.standardized(anomaly_map, prompt_category)
         return InferenceBatch(pred_score=self.image_score(anomaly_map), anomaly_map=anomaly_map)

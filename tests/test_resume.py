@@ -22,7 +22,7 @@ EPOCHS = 2
 
 
 def _config(path: Path, model: str, data_root: Path, categories: list[str], batch_size: int) -> Path:
-    """A YAML run that keeps a checkpoint after every training step (``checkpoints/epoch=E-step=S.ckpt``)."""
+    """A YAML run with the README's checkpoint callback, saving every step (``epoch=E-step=S.ckpt`` and ``last.ckpt``)."""
     path.write_text(
         f"seed_everything: {SEED}\n"
         f"model:\n{model}"
@@ -31,36 +31,39 @@ def _config(path: Path, model: str, data_root: Path, categories: list[str], batc
         f"trainer:\n  max_epochs: {EPOCHS}\n  accelerator: cpu\n  enable_progress_bar: false\n  callbacks:\n"
         "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n      init_args:\n"
         "        dirpath: checkpoints\n        filename: '{epoch}-{step}'\n        every_n_train_steps: 1\n"
-        "        save_top_k: -1\n"
+        "        save_top_k: -1\n        save_last: true\n"
     )
     return path
+
+
+def _step_checkpoints(run_dir: Path) -> list[Path]:
+    return list((run_dir / "checkpoints").glob("epoch=*.ckpt"))
 
 
 def _step(checkpoint: Path) -> int:
     return int(re.search(r"step=(\d+)", checkpoint.name).group(1))
 
 
-def _complete(checkpoint: Path) -> bool:
-    """False for a file the kill cut short."""
+def _global_step(checkpoint: Path) -> int | None:
+    """The training step a checkpoint was saved at; None for a file the kill cut short."""
     try:
-        torch.load(checkpoint, map_location="cpu", weights_only=True)
+        return torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"]
     except Exception:  # noqa: BLE001  (any failure to read means the write was interrupted)
-        return False
-    return True
+        return None
 
 
 def _final_state(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Weights of the run's last checkpoint and its per-category test metrics."""
-    last = max((run_dir / "checkpoints").glob("*.ckpt"), key=_step)
-    state = torch.load(last, map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     metrics = json.loads(next(run_dir.glob("results/*/*/*/latest/metrics_per_category.json")).read_text())
     return state, metrics
 
 
 def _interrupted_then_resumed(config: Path, run_dir: Path, steps_per_epoch: int) -> int:
-    """Train, SIGKILL the process once it is inside the second epoch, resume from the newest checkpoint.
+    """Train, SIGKILL the process once it is inside the second epoch, resume as the README says.
 
-    Returns the step of the checkpoint the resumed run started from (always mid-epoch).
+    The resumed run starts from ``last.ckpt``; only if the kill cut that file short (or it was written at
+    an epoch's end) from the newest complete mid-epoch step checkpoint. Returns the step it started from.
     """
     run_dir.mkdir()
     kill_after = steps_per_epoch + steps_per_epoch // 2  # inside the second epoch
@@ -73,19 +76,17 @@ def _interrupted_then_resumed(config: Path, run_dir: Path, steps_per_epoch: int)
     )
     deadline = time.monotonic() + 600
     while process.poll() is None and time.monotonic() < deadline:
-        if any(_step(path) >= kill_after for path in (run_dir / "checkpoints").glob("*.ckpt")):
+        if any(_step(path) >= kill_after for path in _step_checkpoints(run_dir)):
             process.send_signal(signal.SIGKILL)
             break
         time.sleep(0.02)
     assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed mid-epoch"
-    candidates = [
-        path
-        for path in (run_dir / "checkpoints").glob("*.ckpt")
-        if _step(path) % steps_per_epoch != 0 and _complete(path)
-    ]
-    resume_from = max(candidates, key=_step)
+    steps = {path: _global_step(path) for path in [run_dir / "checkpoints" / "last.ckpt", *_step_checkpoints(run_dir)]}
+    mid_epoch = [path for path, step in steps.items() if step is not None and step % steps_per_epoch != 0]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    resume_from = last if last in mid_epoch else max(mid_epoch, key=steps.get)
     run_anomalib(["train", "-c", str(config), "--ckpt_path", str(resume_from)], run_dir)
-    return _step(resume_from)
+    return steps[resume_from]
 
 
 def _assert_same_end(uninterrupted: Path, resumed: Path) -> None:
@@ -103,7 +104,7 @@ def _resume_check(tmp_path: Path, model: str, data_root: Path, categories: list[
     uninterrupted = tmp_path / "uninterrupted"
     uninterrupted.mkdir()
     run_anomalib(["train", "-c", str(config)], uninterrupted)
-    assert max(map(_step, (uninterrupted / "checkpoints").glob("*.ckpt"))) == EPOCHS * steps_per_epoch
+    assert max(map(_step, _step_checkpoints(uninterrupted))) == EPOCHS * steps_per_epoch
     resumed_at = _interrupted_then_resumed(config, tmp_path / "resumed", steps_per_epoch)
     assert steps_per_epoch < resumed_at < EPOCHS * steps_per_epoch
     _assert_same_end(uninterrupted, tmp_path / "resumed")

@@ -59,12 +59,7 @@ def onenip_official(model: OneNIPModel, images: torch.Tensor, prompt_images: tor
     """
     features = model.extract_features(images)
     encoded_prompt = model.encode_prompts(model.extract_features(prompt_images))
-    reconstruction_map, refiner_map = model.residual_maps(model.reconstruct(features, encoded_prompt), features)
-    weight = model.reconstruction_weight
-    anomaly_map = weight * reconstruction_map + (1 - weight) * model.refiner_scale * refiner_map
-    mean = model.prompt_bank.score_mean[category_index].view(-1, 1, 1, 1)
-    std = model.prompt_bank.score_std[category_index].view(-1, 1, 1, 1)
-    anomaly_map = (anomaly_map - mean) / std
+    anomaly_map = model.standardized(model.prompted_map(features, encoded_prompt), category_index)
     pool_size = min(model.score_pool_size, *model.input_size)
     return anomaly_map, F.avg_pool2d(anomaly_map, pool_size, stride=1).amax(dim=(1, 2, 3))
 
