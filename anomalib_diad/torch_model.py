@@ -14,13 +14,14 @@ import torch
 from anomalib.data import InferenceBatch
 from torch import nn
 
-from anomalib_diad.components import DDIMSampler, FeatureDistanceAnomalyMap, ScoreStatistics, SemanticGuidedNetwork
+from anomalib_diad.components import DDIMSampler, FeatureDistanceAnomalyMap, SemanticGuidedNetwork
 from anomalib_diad.components.diffusers_models import (
     NUM_TRAIN_TIMESTEPS,
     architecture_config,
     build_autoencoder,
     build_unet,
 )
+from anomalib_multiclass.score_statistics import CategoryScoreStatistics
 
 STAGES = ("autoencoder", "diffusion")
 POSTERIORS = ("sample", "mode")
@@ -70,7 +71,7 @@ class DiADModel(nn.Module):
         posterior: latent of an image: ``"sample"`` (paper) or ``"mode"`` of the autoencoder posterior.
         sigma, score_pool_size, score_pool_repeats: see :class:`FeatureDistanceAnomalyMap`.
         normalize_per_category: standardise map and score with the score statistics of each
-            category's normal training images (:class:`ScoreStatistics`); False returns the raw map.
+            category's normal training images (:class:`~anomalib_multiclass.score_statistics.CategoryScoreStatistics`); False returns the raw map.
         seed: seed of the fixed evaluation noise (posterior sample and ``x_T``), so an image
             always gets the same score, and of the random text context of the small architectures.
     """
@@ -126,7 +127,7 @@ class DiADModel(nn.Module):
         self.anomaly_map = FeatureDistanceAnomalyMap(
             backbone, layers, self.input_size, sigma, score_pool_size, score_pool_repeats
         )
-        self.score_statistics = ScoreStatistics()
+        self.score_statistics = CategoryScoreStatistics(pooled_row=True)
         generator = torch.Generator().manual_seed(seed)
         context_shape = (1, config["context_length"], config["unet"]["cross_attention_dim"])
         # The empty-prompt embedding: random for the small architectures, CLIP's for pretrained SD-1.5 (set once).

@@ -343,10 +343,7 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
         for features, category_index in self._calibration_batches():
             anomaly_map, _ = self.model.fused_map(features, category_index)
             scores[int(category_index[0])].append(self.model.image_score(anomaly_map))
-        per_category = [torch.cat(values) for values in scores]
-        mean = torch.stack([values.mean() for values in per_category])
-        std = torch.stack([values.std(unbiased=False) for values in per_category])
-        bank.store_score_statistics(mean, std.clamp_min(1e-3 * mean.abs().clamp_min(1e-6)))
+        self.model.score_statistics.store([torch.cat(values) for values in scores])
         self.model.train(was_training)
 
     def _calibration_batches(self, chunk_size: int = 16) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

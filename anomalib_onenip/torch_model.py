@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from anomalib_multiclass.backbone import build_feature_extractor
+from anomalib_multiclass.score_statistics import CategoryScoreStatistics
 from anomalib_onenip.components import PromptBank, PromptGuidedTransformer, Refiner
 
 
@@ -50,6 +51,9 @@ class OneNIPModel(nn.Module):
         normalize_per_category: standardise map and score with the chosen prompt's category
             statistics (see :meth:`predict`); False returns the paper's raw fused map.
     """
+
+    # state-dict keys of the per-category statistics before they moved out of the prompt bank
+    LEGACY_STATISTICS_KEYS = {"prompt_bank.score_mean": "score_statistics.mean", "prompt_bank.score_std": "score_statistics.std"}
 
     def __init__(
         self,
@@ -96,6 +100,7 @@ class OneNIPModel(nn.Module):
         )
         self.refiner = Refiner(channels, refiner_channels)
         self.prompt_bank = PromptBank(self.feature_size[0] * self.feature_size[1], hidden_dim, channels)
+        self.score_statistics = CategoryScoreStatistics()
         self.register_buffer("refiner_scale", torch.tensor(1.0))
         self.feature_jitter_scale = feature_jitter_scale
         self.feature_jitter_prob = feature_jitter_prob
@@ -236,9 +241,7 @@ class OneNIPModel(nn.Module):
         """With ``normalize_per_category``: ``(A - mean_c) / std_c`` for each map's prompt category ``[B]``."""
         if not self.normalize_per_category:
             return anomaly_map
-        mean = self.prompt_bank.score_mean[prompt_category].view(-1, 1, 1, 1)
-        std = self.prompt_bank.score_std[prompt_category].view(-1, 1, 1, 1)
-        return (anomaly_map - mean) / std
+        return self.score_statistics.standardize(anomaly_map, prompt_category)
 
     def image_score(self, anomaly_map: torch.Tensor) -> torch.Tensor:
         """Maximum of the map after a ``score_pool_size`` average pooling (stride 1): ``[B]``.
@@ -265,3 +268,10 @@ class OneNIPModel(nn.Module):
         anomaly_map, prompt_category = self.fused_map(self.extract_features(images), category_index)
         anomaly_map = self.standardized(anomaly_map, prompt_category)
         return InferenceBatch(pred_score=self.image_score(anomaly_map), anomaly_map=anomaly_map)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
+        """Read checkpoints that kept the score statistics in the prompt bank (``prompt_bank.score_mean/std``)."""
+        for legacy, current in self.LEGACY_STATISTICS_KEYS.items():
+            if prefix + legacy in state_dict and prefix + current not in state_dict:
+                state_dict[prefix + current] = state_dict.pop(prefix + legacy)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -70,8 +70,8 @@ def test_refiner_scale_comes_from_training_images(trained_onenip) -> None:  # no
             reconstruction_map, _ = onenip.residual_maps(onenip.reconstruct(features, prompt), features)
             low, high = min(low, reconstruction_map.min().item()), max(high, reconstruction_map.max().item())
     assert onenip.refiner_scale.item() == pytest.approx((low + high) / 2, rel=1e-4)
-    assert onenip.prompt_bank.score_mean.shape == (3,)
-    assert (onenip.prompt_bank.score_std > 0).all()
+    assert onenip.score_statistics.mean.shape == (3,)
+    assert (onenip.score_statistics.std > 0).all()
 
 
 def test_category_prompt_and_nearest_prompt_paths(trained_onenip) -> None:  # noqa: ANN001

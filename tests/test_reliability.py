@@ -77,7 +77,7 @@ def hundred_category_onenip() -> OneNIP:
 def test_prompt_bank_of_100_categories(hundred_category_onenip: OneNIP) -> None:
     model = hundred_category_onenip
     bank = model.model.prompt_bank
-    assert bank.tokens.shape[0] == 100 and bank.score_mean.shape == (100,)
+    assert bank.tokens.shape[0] == 100 and model.model.score_statistics.mean.shape == (100,)
     images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         features = model.model.extract_features(model._pre_process(images))  # noqa: SLF001

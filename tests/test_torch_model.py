@@ -40,7 +40,7 @@ def test_inference_returns_scores_and_maps() -> None:
     model = OneNIPModel(backbone="tf_efficientnet_lite0", input_size=(64, 64), **SMALL).eval()
     features = model.extract_features(torch.rand(3, 3, 64, 64))
     model.prompt_bank.store(model.encode_prompts(features), model.global_features(features), torch.tensor([0, 1, 2]))
-    model.prompt_bank.store_score_statistics(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, 1.0, 2.0]))
+    model.score_statistics.mean, model.score_statistics.std = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, 1.0, 2.0])
     images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         output = model(images)

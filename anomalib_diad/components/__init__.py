@@ -2,14 +2,12 @@
 
 from anomalib_diad.components.anomaly_map import FeatureDistanceAnomalyMap
 from anomalib_diad.components.sampler import DDIMSampler
-from anomalib_diad.components.score_statistics import ScoreStatistics
 from anomalib_diad.components.sff import SpatialFeatureFusion
 from anomalib_diad.components.sg_network import SemanticGuidedNetwork
 
 __all__ = [
     "DDIMSampler",
     "FeatureDistanceAnomalyMap",
-    "ScoreStatistics",
     "SemanticGuidedNetwork",
     "SpatialFeatureFusion",
 ]

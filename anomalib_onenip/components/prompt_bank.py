@@ -15,8 +15,6 @@ class PromptBank(nn.Module):
     - ``tokens [K, N, D]``: encoder output of each prompt image (encoded once, not per query).
     - ``global_features [K, C]``: L2-normalised spatial mean of each prompt's backbone features.
     - ``categories [K]``: category index of each prompt.
-    - ``score_mean [M]``, ``score_std [M]``: per category (``M`` categories), the mean and standard
-      deviation of the image score over normal training images, to put all categories on one scale.
 
     :meth:`select` returns, for each query, the prompt of its category (when the category is
     known) or of any category, whose global feature is the most cosine-similar to the query's.
@@ -28,8 +26,6 @@ class PromptBank(nn.Module):
         self.register_buffer("tokens", torch.zeros(0, num_tokens, hidden_dim))
         self.register_buffer("global_features", torch.zeros(0, in_channels))
         self.register_buffer("categories", torch.zeros(0, dtype=torch.long))
-        self.register_buffer("score_mean", torch.zeros(0))
-        self.register_buffer("score_std", torch.zeros(0))
 
     @property
     def is_empty(self) -> bool:
@@ -41,11 +37,6 @@ class PromptBank(nn.Module):
         self.tokens = tokens.detach().clone()
         self.global_features = F.normalize(global_features.detach(), dim=-1)
         self.categories = categories.detach().to(torch.long).clone()
-
-    def store_score_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        """Set the per-category image-score mean and standard deviation, both ``[M]``."""
-        self.score_mean = mean.detach().clone()
-        self.score_std = std.detach().clone()
 
     def select(
         self,
@@ -70,7 +61,7 @@ class PromptBank(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
         """Resize the buffers to the stored bank before loading it."""
-        for name in ("tokens", "global_features", "categories", "score_mean", "score_std"):
+        for name in ("tokens", "global_features", "categories"):
             stored = state_dict.get(prefix + name)
             if stored is not None:
                 setattr(self, name, torch.empty_like(stored, device=getattr(self, name).device))

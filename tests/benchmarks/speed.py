@@ -72,8 +72,8 @@ def build_onenip(backbone: str, input_size: int, categories: int, device: str) -
         features = model.extract_features(prompt_images)
         model.prompt_bank.store(model.encode_prompts(features), model.global_features(features),
                                 torch.arange(categories, device=device))
-        model.prompt_bank.store_score_statistics(torch.rand(categories, device=device),
-                                                 1 + torch.rand(categories, device=device))
+        model.score_statistics.mean = torch.rand(categories, device=device)
+        model.score_statistics.std = 1 + torch.rand(categories, device=device)
     return model, prompt_images
 
 
