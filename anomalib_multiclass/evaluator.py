@@ -154,15 +154,17 @@ def save_results(results: dict[str, dict[str, float]], directory: Path) -> list[
 
 
 def plot_results(results: dict[str, dict[str, float]], names: list[str], path: Path) -> None:
-    """Grouped bar chart: one group per category (and the mean), one bar per metric."""
-    import matplotlib as mpl
+    """Grouped bar chart: one group per category (and the mean), one bar per metric.
 
-    mpl.use("Agg")
-    import matplotlib.pyplot as plt
+    Drawn on a matplotlib :class:`~matplotlib.figure.Figure` of its own (no pyplot, no global backend
+    switch), so the plot changes nothing in the user's matplotlib state.
+    """
+    from matplotlib.figure import Figure
 
     categories = list(results)
     width = 0.8 / max(len(names), 1)
-    figure, axis = plt.subplots(figsize=(max(6.0, 1.2 * len(categories) * max(len(names), 1) * 0.4), 4.0))
+    figure = Figure(figsize=(max(6.0, 1.2 * len(categories) * max(len(names), 1) * 0.4), 4.0))
+    axis = figure.subplots()
     for offset, name in enumerate(names):
         positions = [index + offset * width for index in range(len(categories))]
         axis.bar(positions, [100 * results[category].get(name, float("nan")) for category in categories], width, label=name)
@@ -173,4 +175,3 @@ def plot_results(results: dict[str, dict[str, float]], names: list[str], path: P
     axis.set_title("Per-category test metrics")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
