@@ -1,15 +1,19 @@
-"""Register this distribution's models with anomalib as soon as ``anomalib.models`` is imported.
+"""Start-up hook of ``anomalib-multiclass-models``: short model names for anomalib, and nothing else.
 
-anomalib has no plugin entry points: ``anomalib train --model OneNIP`` only resolves the short name
-if the class is already imported when the CLI parses its arguments. The ``.pth`` file shipped next
-to this module imports it at interpreter start-up; it installs a meta-path finder and nothing else,
-so start-up stays free of torch. When ``anomalib.models`` is first imported, the finder loads
-every model declared in the ``anomalib.models`` entry-point group; each plugin package attaches
-its model to ``anomalib.models`` when imported, so ``get_model("OneNIP")`` and the CLI find it.
-When ``anomalib.cli.cli`` and anomalib's checkpoint IO are imported, it fixes traps of anomalib 2.7:
-``--seed_everything N`` parsed but ignored, ``train --ckpt_path`` testing the checkpoint it resumed
-from instead of the model it trained, unclear checkpoint errors, and GPU checkpoints that do not load
-on a CPU (see :mod:`anomalib_multiclass.anomalib_fixes`).
+anomalib has no plugin entry points: ``anomalib train --model OneNIP`` and ``get_model("OneNIP")``
+only find a class that is already imported when the name is looked up. The
+``anomalib_multiclass_models_autoload.pth`` file installed next to this module imports it at
+interpreter start-up; it installs a meta-path finder and imports nothing else, so start-up stays
+free of torch and anomalib. The finder acts on two imports only:
+
+- right after ``anomalib.models``: it imports this distribution's models, ``anomalib_onenip`` and
+  ``anomalib_diad`` (no other plugin's);
+- right after ``anomalib.cli.cli``: it applies the ``--seed_everything`` fix, which acts for
+  OneNIP and DiAD only (:func:`anomalib_multiclass.anomalib_fixes.apply_seed_fix`).
+
+A failure in either step prints one message and leaves anomalib working. Set the environment
+variable ``ANOMALIB_MULTICLASS_MODELS_AUTOLOAD=0`` to disable the hook; class paths
+(``--model anomalib_onenip.OneNIP``) work without it.
 """
 
 from __future__ import annotations
@@ -17,54 +21,49 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.machinery
+import os
 import sys
 import traceback
 
-ENTRY_POINT_GROUP = "anomalib.models"
+DISABLE_VARIABLE = "ANOMALIB_MULTICLASS_MODELS_AUTOLOAD"
+MODEL_PACKAGES = ("anomalib_onenip", "anomalib_diad")
 
 
-def import_entry_point_models() -> None:
-    """Import the module of every model in the entry-point group.
+def import_models() -> None:
+    """Import this distribution's model packages (each attaches its model to ``anomalib.models``).
 
-    A module that is being imported right now (the user imported the plugin first, which imported
-    ``anomalib.models``) is skipped: it finishes its own import. A plugin that fails to import is
-    reported on stderr and skipped, so a broken plugin never breaks anomalib itself.
+    A package that is being imported right now (the user imported it first, which imported
+    ``anomalib.models``) is skipped: it finishes its own import. A failure is reported on stderr
+    and skipped, so that it never breaks anomalib itself.
     """
-    from importlib.metadata import entry_points
-
-    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
-        if entry_point.module in sys.modules:
+    for package in MODEL_PACKAGES:
+        if package in sys.modules:
             continue
         try:
-            importlib.import_module(entry_point.module)
-        except Exception:  # noqa: BLE001 - report any plugin failure without breaking anomalib
-            print(f"anomalib plugin '{entry_point.value}' failed to load:", file=sys.stderr)
+            importlib.import_module(package)
+        except Exception:  # noqa: BLE001 - report any failure without breaking anomalib
+            print(f"anomalib-multiclass-models: '{package}' failed to load; its model is unavailable:", file=sys.stderr)
             traceback.print_exc()
 
 
-def _apply_fix(name: str):  # noqa: ANN202
-    """A hook that runs ``anomalib_multiclass.anomalib_fixes.<name>`` (skipped if the package was removed)."""
-
-    def apply() -> None:
-        try:
-            fixes = importlib.import_module("anomalib_multiclass.anomalib_fixes")
-        except ImportError:
-            return
-        getattr(fixes, name)()
-
-    return apply
+def apply_seed_fix() -> None:
+    """Apply the ``--seed_everything`` fix for OneNIP and DiAD (skipped if the package is gone or fails)."""
+    try:
+        fixes = importlib.import_module("anomalib_multiclass.anomalib_fixes")
+        fixes.apply_seed_fix()
+    except Exception as error:  # noqa: BLE001 - never break anomalib's CLI over the fix
+        print(f"anomalib-multiclass-models: --seed_everything fix not applied ({error!r}).", file=sys.stderr)
 
 
 # module -> what runs right after that module is first imported
 _AFTER_IMPORT = {
-    "anomalib.models": import_entry_point_models,
-    "anomalib.cli.cli": _apply_fix("apply_anomalib_cli_fixes"),
-    "anomalib.engine.plugins.checkpoint_io": _apply_fix("apply_checkpoint_io_fix"),
+    "anomalib.models": import_models,
+    "anomalib.cli.cli": apply_seed_fix,
 }
 
 
-class _AnomalibModelsFinder(importlib.abc.MetaPathFinder):
-    """Wraps the loaders of the modules in ``_AFTER_IMPORT`` so that their hook runs right after them."""
+class MultiClassModelsFinder(importlib.abc.MetaPathFinder):
+    """Wraps the loaders of the modules in ``_AFTER_IMPORT`` so that their step runs right after them."""
 
     def __init__(self) -> None:
         self.pending = dict(_AFTER_IMPORT)
@@ -88,5 +87,10 @@ class _AnomalibModelsFinder(importlib.abc.MetaPathFinder):
         return spec
 
 
-if not any(isinstance(finder, _AnomalibModelsFinder) for finder in sys.meta_path):
-    sys.meta_path.insert(0, _AnomalibModelsFinder())
+def enabled() -> bool:
+    """False when ``ANOMALIB_MULTICLASS_MODELS_AUTOLOAD`` is ``0``, ``false``, ``no`` or ``off``."""
+    return os.environ.get(DISABLE_VARIABLE, "1").strip().lower() not in {"0", "false", "no", "off"}
+
+
+if enabled() and not any(isinstance(finder, MultiClassModelsFinder) for finder in sys.meta_path):
+    sys.meta_path.insert(0, MultiClassModelsFinder())

@@ -1,120 +1,168 @@
-"""Fixes to anomalib 2.7 traps that seeded and resumed training, GPU checkpoints and clear errors need.
+"""Fixes to anomalib 2.7 traps, applied to this package's models only (OneNIP, DiAD).
 
-- ``anomalib train --seed_everything N`` (or the top-level config key) is parsed but never applied:
-  two runs of one config start from different weights and draw different random numbers. The fix
-  seeds Lightning's generators with an integer seed before the model, datamodule and engine are
-  built, as Lightning's own CLI does; ``True`` (anomalib's default) keeps anomalib's behaviour.
-- ``anomalib train --ckpt_path CKPT`` resumes training from ``CKPT`` and then *tests ``CKPT``*
-  (``Engine.train`` passes the path on to ``Trainer.test``), so the metrics it reports are those of
-  the checkpoint it started from, not of the model it trained. The fix tests the trained model.
-- ``--ckpt_path`` of a missing or truncated file fails deep in ``torch.load`` with a message that
-  does not name the file, and a checkpoint of another model fails without naming it either. The fix
-  checks the file first and adds its path to the plugins' :class:`IncompatibleCheckpointError`.
+Other anomalib models behave exactly as without this package: every fix below either lives in
+this package's own classes (Lightning hooks and a checkpoint IO that only these models install),
+or, for the one fix that needs anomalib's CLI, passes through unchanged unless the model being
+built is one of this package's.
 
-- A checkpoint saved on a GPU does not load on a CPU-only machine (``anomalib predict/test --ckpt_path``,
-  ``Engine.predict(ckpt_path=...)``): anomalib's checkpoint IO passes ``map_location=None`` to
-  ``torch.load``, so tensors saved on ``cuda:0`` are restored there. The fix loads them on the CPU
-  when no location is given, as Lightning's own checkpoint IO does; Lightning then moves the model
-  to the accelerator of the run.
-
-The start-up hook (``anomalib_plugins_autoload``) calls :func:`apply_anomalib_cli_fixes` once
-``anomalib.cli.cli`` is imported and :func:`apply_checkpoint_io_fix` once
-``anomalib.engine.plugins.checkpoint_io`` is.
+- **Seed.** ``anomalib train --seed_everything N`` (or the top-level config key) is parsed but never
+  applied: two runs of one config start from different weights. For this package's models the
+  integer seed is applied before the model, datamodule and engine are built, as Lightning's own
+  CLI does (:func:`apply_seed_fix`, a guarded wrapper of ``AnomalibCLI.before_instantiate_classes``;
+  ``True``, anomalib's default, keeps anomalib's behaviour).
+- **Checkpoint loading** (:class:`MultiClassCheckpointIO`, which these models install on their
+  trainer in ``setup``): a checkpoint saved on a GPU loads on a CPU-only machine (anomalib's IO passes
+  ``map_location=None``; Lightning's own IO keeps storages on the CPU), and a missing or truncated
+  local ``--ckpt_path`` is named with the fix instead of failing deep inside ``torch.load``. Remote
+  paths (``s3://``, other fsspec URLs) are left to Lightning.
+- **Test after resume.** ``anomalib train --ckpt_path CKPT`` resumes from ``CKPT`` and then tests
+  ``CKPT``, not the model it trained; these models test the trained model (see
+  ``UnifiedModelComponents.on_load_checkpoint``).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
-from contextlib import contextmanager
+import inspect
+import logging
+import sys
+import zipfile
 from typing import Any
 
-from lightning.pytorch import Trainer, seed_everything
+import fsspec
+from anomalib.engine.plugins import AnomalibCheckpointIO
+from fsspec.utils import get_protocol
+from lightning.fabric.utilities.types import _MAP_LOCATION_TYPE, _PATH
+
+logger = logging.getLogger(__name__)
+
+LOCAL_PROTOCOLS = ("file", "local")
+FIXED_MARKER = "anomalib_multiclass_seed_fix"
 
 
-def apply_anomalib_cli_fixes() -> None:
-    """Wrap ``AnomalibCLI.before_instantiate_classes`` (seed) and ``_run_subcommand`` (resumed train), once."""
-    from anomalib.cli.cli import AnomalibCLI
+def check_checkpoint_file(checkpoint_path: _PATH) -> _PATH:
+    """``checkpoint_path`` when it names a complete local torch checkpoint (remote URLs pass unchecked).
 
-    from anomalib_multiclass.components import IncompatibleCheckpointError, check_checkpoint_file
+    Local paths (plain or ``file://``) are opened through fsspec as Lightning opens them; a remote
+    path (``s3://``, ``gs://``, ...) is returned as given, for Lightning to read.
 
-    original_before = AnomalibCLI.before_instantiate_classes
-    if getattr(original_before, "multiclass_fixes", False):
-        return
-    original_run = AnomalibCLI._run_subcommand  # noqa: SLF001
-
-    @functools.wraps(original_before)
-    def before_instantiate_classes(self: Any) -> None:  # noqa: ANN401
-        seed = self._get(self.config, "seed_everything")  # noqa: SLF001
-        if isinstance(seed, int) and not isinstance(seed, bool):
-            seed_everything(seed, workers=True)
-        original_before(self)
-
-    @functools.wraps(original_run)
-    def run_subcommand(self: Any) -> None:  # noqa: ANN401
-        ckpt_path = self._get(self.config, "ckpt_path")  # noqa: SLF001
-        if not ckpt_path:
-            return original_run(self)
-        if not _lightning_checkpoint_alias(ckpt_path):
-            check_checkpoint_file(ckpt_path)
-        try:
-            if self.subcommand == "train":
-                with _test_the_trained_model():
-                    return original_run(self)
-            return original_run(self)
-        except IncompatibleCheckpointError as error:
-            if str(ckpt_path) in str(error):
-                raise
-            msg = f"'{ckpt_path}': {error}"
-            raise IncompatibleCheckpointError(msg) from None
-
-    before_instantiate_classes.multiclass_fixes = True
-    AnomalibCLI.before_instantiate_classes = before_instantiate_classes
-    AnomalibCLI._run_subcommand = run_subcommand  # noqa: SLF001
+    Raises:
+        FileNotFoundError: a local file that does not exist.
+        ValueError: a local file that is not a torch checkpoint (truncated by an interrupted copy, or another file).
+    """
+    name = str(checkpoint_path)
+    if get_protocol(name) not in LOCAL_PROTOCOLS:
+        return checkpoint_path
+    filesystem, path = fsspec.core.url_to_fs(name)
+    if not filesystem.isfile(path):
+        msg = f"Checkpoint '{name}' does not exist: give the model.ckpt that `anomalib train` wrote."
+        raise FileNotFoundError(msg)
+    with filesystem.open(path, "rb") as file:
+        complete = zipfile.is_zipfile(file)
+    if not complete:
+        msg = (
+            f"Checkpoint '{name}' is not a readable torch checkpoint (truncated or corrupted?): give the "
+            "model.ckpt that `anomalib train` wrote."
+        )
+        raise ValueError(msg)
+    return checkpoint_path
 
 
-def _lightning_checkpoint_alias(ckpt_path: Any) -> bool:  # noqa: ANN401
-    """``best``, ``last``, ``hpc`` and ``registry[:...]`` name checkpoints that Lightning finds itself."""
-    name = str(ckpt_path)
-    return name in {"best", "last", "hpc", "registry"} or name.startswith("registry:")
-
-
-@contextmanager
-def _test_the_trained_model() -> Iterator[None]:
-    """Inside, ``Trainer.test`` ignores ``ckpt_path``: it tests the model in memory (the one just trained)."""
-    original_test = Trainer.test
-
-    @functools.wraps(original_test)
-    def test(self: Trainer, *args: Any, ckpt_path: Any = None, **kwargs: Any) -> Any:  # noqa: ANN401
-        del ckpt_path
-        return original_test(self, *args, **kwargs)
-
-    Trainer.test = test
-    try:
-        yield
-    finally:
-        Trainer.test = original_test
-
-
-def apply_checkpoint_io_fix() -> None:
-    """Make ``AnomalibCheckpointIO.load_checkpoint`` load on the CPU when given no ``map_location`` (once)."""
-    from anomalib.engine.plugins.checkpoint_io import AnomalibCheckpointIO
-
-    original_load = AnomalibCheckpointIO.load_checkpoint
-    if getattr(original_load, "multiclass_fixes", False):
-        return
-
-    @functools.wraps(original_load)
-    def load_checkpoint(self: Any, path: Any, map_location: Any = None, **kwargs: Any) -> Any:  # noqa: ANN401
-        if map_location is None:
-            map_location = _keep_on_cpu
-        return original_load(self, path, map_location=map_location, **kwargs)
-
-    load_checkpoint.multiclass_fixes = True
-    AnomalibCheckpointIO.load_checkpoint = load_checkpoint
-
-
-def _keep_on_cpu(storage: Any, location: str) -> Any:  # noqa: ANN401
-    """``torch.load`` location function: every storage stays where it was read, on the CPU."""
+def keep_on_cpu(storage: Any, location: str) -> Any:  # noqa: ANN401
+    """``torch.load`` location function: every storage stays where it was read, on the CPU (Lightning's default)."""
     del location
     return storage
+
+
+class MultiClassCheckpointIO(AnomalibCheckpointIO):
+    """anomalib's checkpoint IO (its safe globals) that loads on the CPU by default and names a bad local file.
+
+    Installed by this package's models on their own trainer (``UnifiedModelComponents.setup``) in
+    place of a plain :class:`AnomalibCheckpointIO`; a checkpoint IO the user configured is kept.
+    Lightning moves the loaded state to the run's device afterwards.
+    """
+
+    def load_checkpoint(
+        self,
+        path: _PATH,
+        map_location: _MAP_LOCATION_TYPE = None,
+        weights_only: bool = True,
+    ) -> dict[str, Any]:
+        """Check a local ``path`` (see :func:`check_checkpoint_file`), then load it, on the CPU unless told otherwise."""
+        check_checkpoint_file(path)
+        if map_location is None:
+            map_location = keep_on_cpu
+        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+
+
+def _builds_multiclass_model(cli: Any) -> bool:  # noqa: ANN401
+    """Whether the parsed config of ``cli`` (an ``AnomalibCLI``) builds a model of this package."""
+    from anomalib_multiclass.components import UnifiedModelComponents
+
+    subcommand_config = cli.config.get(str(cli.subcommand)) or cli.config
+    model = subcommand_config.get("model")
+    class_path = model.get("class_path") if hasattr(model, "get") else None
+    if not isinstance(class_path, str):
+        return False
+    module_name, _, class_name = class_path.rpartition(".")
+    model_class = getattr(sys.modules.get(module_name), class_name, None)
+    return isinstance(model_class, type) and issubclass(model_class, UnifiedModelComponents)
+
+
+def _seed_fix_applicable(cli_class: type) -> bool:
+    """Feature check: ``cli_class.before_instantiate_classes(self)`` exists, with ``config``/``subcommand`` set first."""
+    method = getattr(cli_class, "before_instantiate_classes", None)
+    if not callable(method):
+        return False
+    try:
+        parameters = list(inspect.signature(method).parameters)
+    except (TypeError, ValueError):
+        return False
+    return parameters == ["self"]
+
+
+def apply_seed_fix(cli_class: type | None = None) -> bool:
+    """Apply ``--seed_everything N`` before this package's models are built by ``AnomalibCLI`` (once).
+
+    A guarded wrapper of ``AnomalibCLI.before_instantiate_classes``: for any other model it calls
+    anomalib's method and does nothing else. When anomalib's CLI no longer has that method (a
+    future release renamed it), nothing is patched and one warning is logged; anomalib keeps working.
+
+    Args:
+        cli_class: the class to patch; ``anomalib.cli.cli.AnomalibCLI`` when None (it must be imported already).
+
+    Returns:
+        True when the wrapper is in place (now or from an earlier call).
+    """
+    if cli_class is None:
+        cli_class = getattr(sys.modules.get("anomalib.cli.cli"), "AnomalibCLI", None)
+        if cli_class is None:
+            return False
+    original = getattr(cli_class, "before_instantiate_classes", None)
+    if getattr(original, FIXED_MARKER, False):
+        return True
+    if not _seed_fix_applicable(cli_class):
+        logger.warning(
+            "anomalib-multiclass-models: this anomalib's CLI has no before_instantiate_classes(self); "
+            "--seed_everything is not applied to OneNIP/DiAD (seed in Python with lightning.seed_everything). "
+            "Everything else works."
+        )
+        return False
+
+    @functools.wraps(original)
+    def before_instantiate_classes(self: Any) -> None:  # noqa: ANN401
+        try:
+            seed = (self.config.get(str(self.subcommand)) or self.config).get("seed_everything")
+            ours = _builds_multiclass_model(self)
+        except Exception:  # noqa: BLE001 - never break anomalib's CLI over the seed
+            seed, ours = None, False
+        if ours and isinstance(seed, int) and not isinstance(seed, bool):
+            from lightning.pytorch import seed_everything
+
+            seed_everything(seed, workers=True)
+        original(self)
+
+    setattr(before_instantiate_classes, FIXED_MARKER, True)
+    cli_class.before_instantiate_classes = before_instantiate_classes
+    return True
+

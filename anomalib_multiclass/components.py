@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import inspect
 import logging
-import zipfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
 from anomalib.data import Batch
+from anomalib.engine.plugins import AnomalibCheckpointIO
 from anomalib.metrics import Evaluator
 from anomalib.pre_processing import PreProcessor
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torchvision.transforms import v2
 
+from anomalib_multiclass.anomalib_fixes import MultiClassCheckpointIO, check_checkpoint_file
 from anomalib_multiclass.backbone import backbone_normalization
 from anomalib_multiclass.evaluator import PerCategoryEvaluator
 from anomalib_multiclass.post_processing import RankPreservingPostProcessor
@@ -35,26 +37,6 @@ def package_version() -> str:
         return version(PACKAGE)
     except PackageNotFoundError:
         return "unknown"
-
-
-def check_checkpoint_file(checkpoint_path: str | Path) -> Path:
-    """The path of a checkpoint file that exists and is a complete torch archive, else an error naming it.
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: the file is not a torch checkpoint (truncated by an interrupted copy, or another file).
-    """
-    path = Path(checkpoint_path)
-    if not path.is_file():
-        msg = f"Checkpoint '{path}' does not exist: give the model.ckpt that `anomalib train` wrote."
-        raise FileNotFoundError(msg)
-    if not zipfile.is_zipfile(path):
-        msg = (
-            f"Checkpoint '{path}' is not a readable torch checkpoint (truncated or corrupted?): give the "
-            "model.ckpt that `anomalib train` wrote."
-        )
-        raise ValueError(msg)
-    return path
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -144,6 +126,25 @@ class UnifiedModelComponents:
         return transform(images) if transform is not None else images
 
     # ----------------------------------------------------------------------------- checkpoints
+    def setup(self, stage: str) -> None:
+        """Install :class:`MultiClassCheckpointIO` on this model's trainer in place of anomalib's plain one.
+
+        Lightning calls ``setup`` before it reads a ``ckpt_path``, so the checkpoint of this run is read
+        with it: on the CPU by default (GPU checkpoints load on CPU-only machines) and with a clear error
+        for a missing or truncated local file. A checkpoint IO the user configured is kept.
+        """
+        super().setup(stage)
+        strategy = self.trainer.strategy
+        io = strategy.checkpoint_io
+        if type(io) is AnomalibCheckpointIO:
+            strategy.checkpoint_io = MultiClassCheckpointIO(extra_safe_globals=io.extra_safe_globals)
+
+    def on_fit_end(self) -> None:
+        """Remember the checkpoint this fit resumed from (see :meth:`on_load_checkpoint`)."""
+        super().on_fit_end()
+        resumed_from = self.trainer.ckpt_path
+        self._resumed_from_checkpoint = str(resumed_from) if resumed_from else None
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the model class, the checkpoint format and the category names of the per-category state."""
         super().on_save_checkpoint(checkpoint)
@@ -156,12 +157,36 @@ class UnifiedModelComponents:
         checkpoint[RANDOM_STATES_KEY] = collect_random_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint of another model or format; adopt its architecture; restore the category names."""
-        self._check_checkpoint_info(checkpoint)
+        """Refuse a checkpoint of another model or format; adopt its architecture; restore the category names.
+
+        ``anomalib train --ckpt_path CKPT`` (``Engine.train``) resumes from ``CKPT`` and then asks the
+        trainer to test ``CKPT`` again, which would report the metrics of the checkpoint it started from.
+        When the test loads the very checkpoint that this model's last fit resumed from, the checkpoint's
+        state is replaced by the trained model's own, so the trained model is tested.
+
+        Raises:
+            IncompatibleCheckpointError: naming the checkpoint file when the trainer loads it.
+        """
+        trainer = self._trainer
+        loading = str(trainer.ckpt_path) if trainer is not None and trainer.ckpt_path else None
+        resumed_from = getattr(self, "_resumed_from_checkpoint", None)
+        if loading is not None and loading == resumed_from and trainer.state.fn == TrainerFn.TESTING:
+            logger.info("Testing the model trained in this run, not the checkpoint '%s' it resumed from.", loading)
+            self._resumed_from_checkpoint = None
+            checkpoint["state_dict"] = self.state_dict()
+            checkpoint[self.CATEGORIES_KEY] = list(self.category_names)
+            return
+        try:
+            self._check_checkpoint_info(checkpoint)
+        except IncompatibleCheckpointError as error:
+            if loading is None:
+                raise
+            msg = f"'{loading}': {error}"
+            raise IncompatibleCheckpointError(msg) from None
         self._adopt_checkpoint_architecture(checkpoint.get("hyper_parameters") or {})
         super().on_load_checkpoint(checkpoint)
         self.category_names = list(checkpoint.get(self.CATEGORIES_KEY, []))
-        if self._trainer is not None:  # a run resumed with --ckpt_path (not load_from_checkpoint)
+        if trainer is not None:  # a run resumed with --ckpt_path (not load_from_checkpoint)
             self._random_states_to_restore = checkpoint.get(RANDOM_STATES_KEY)
 
     def on_train_epoch_start(self) -> None:

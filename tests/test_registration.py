@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -10,17 +11,51 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+HOOK = "anomalib_multiclass_models_autoload"
 
 
-def _python(code: str) -> str:
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+def _python(code: str, hook: bool = True, pythonpath: Path | None = None) -> str:
+    env = {**os.environ, "ANOMALIB_MULTICLASS_MODELS_AUTOLOAD": "1" if hook else "0"}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False,
+                            env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout.strip()
 
 
 def test_interpreter_start_up_stays_light() -> None:
-    output = _python("import sys; print('anomalib_plugins_autoload' in sys.modules, 'torch' in sys.modules, 'anomalib' in sys.modules)")
+    output = _python(f"import sys; print('{HOOK}' in sys.modules, 'torch' in sys.modules, 'anomalib' in sys.modules)")
     assert output == "True False False", "the .pth hook is installed and imports nothing heavy at start-up"
+
+
+def test_disabled_hook_installs_nothing_and_class_paths_still_work() -> None:
+    """ANOMALIB_MULTICLASS_MODELS_AUTOLOAD=0: anomalib is untouched until the user imports a model by its path."""
+    output = _python(
+        "import sys\n"
+        f"from {HOOK} import MultiClassModelsFinder\n"
+        "print(any(isinstance(finder, MultiClassModelsFinder) for finder in sys.meta_path))\n"
+        "import anomalib.cli.cli, anomalib.models\n"
+        "print(hasattr(anomalib.models, 'OneNIP'), 'anomalib_onenip' in sys.modules,\n"
+        "      getattr(anomalib.cli.cli.AnomalibCLI.before_instantiate_classes, 'anomalib_multiclass_seed_fix', False))\n"
+        "from anomalib_onenip import OneNIP\n"
+        "from anomalib_diad import DiAD\n"
+        "print(anomalib.models.OneNIP is OneNIP, anomalib.models.DiAD is DiAD)",
+        hook=False,
+    )
+    assert output.splitlines() == ["False", "False False False", "True True"]
+
+
+def test_hook_imports_only_this_distributions_models(tmp_path: Path) -> None:
+    """Another plugin declared in the generic ``anomalib.models`` entry-point group is not imported by this hook."""
+    dist_info = tmp_path / "other_plugin-1.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: other-plugin\nVersion: 1.0\n")
+    (dist_info / "entry_points.txt").write_text("[anomalib.models]\nOther = other_plugin:Other\n")
+    (tmp_path / "other_plugin.py").write_text("raise RuntimeError('other_plugin imported')\n")
+    output = _python("import sys, anomalib.models\nprint(sorted(name for name in ('anomalib_onenip', 'anomalib_diad', "
+                     "'other_plugin') if name in sys.modules))", pythonpath=tmp_path)
+    assert output == "['anomalib_diad', 'anomalib_onenip']"
 
 
 def test_get_model_by_short_name() -> None:
@@ -42,14 +77,6 @@ def test_plugin_imported_first_still_registers() -> None:
     assert output == "True"
 
 
-def test_entry_point_group_declares_the_model() -> None:
-    output = _python(
-        "from importlib.metadata import entry_points\n"
-        "print([(e.name, e.value) for e in entry_points(group='anomalib.models') if e.name == 'OneNIP'])"
-    )
-    assert output == "[('OneNIP', 'anomalib_onenip:OneNIP')]"
-
-
 @pytest.mark.slow
 def test_wheel_records_every_installed_file(tmp_path: Path) -> None:
     """pip uninstall removes exactly the files of the wheel's RECORD: it must list the hook files and nothing foreign."""
@@ -62,9 +89,11 @@ def test_wheel_records_every_installed_file(tmp_path: Path) -> None:
         names = archive.namelist()
         record_name = next(name for name in names if name.endswith(".dist-info/RECORD"))
         recorded = {line.split(",")[0] for line in archive.read(record_name).decode().splitlines() if line}
+        entry_points = archive.read(record_name.replace("RECORD", "entry_points.txt")).decode()
     assert set(names) == recorded
     top_level = {name.split("/")[0] for name in names}
     dist_info = record_name.split("/")[0]
-    assert top_level == {"anomalib_multiclass", "anomalib_onenip", "anomalib_diad", "anomalib_plugins_autoload.py",
-                         "anomalib_plugins_autoload.pth", dist_info}
+    assert top_level == {"anomalib_multiclass", "anomalib_onenip", "anomalib_diad", f"{HOOK}.py", f"{HOOK}.pth",
+                         dist_info}
+    assert "[anomalib.models]" not in entry_points, "no generic entry-point group that another plugin could share"
     assert not any(name.endswith((".ckpt", ".pth", ".png")) and "autoload" not in name for name in names)
