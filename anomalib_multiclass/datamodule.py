@@ -19,10 +19,20 @@ import numpy as np
 import pandas as pd
 import torch
 from anomalib import TaskType
-from anomalib.data import AnomalibDataModule, ImageItem, PredictDataset
-from anomalib.data.datasets.base.image import AnomalibDataset
+from anomalib.data import (
+    AnomalibDataModule,
+    AnomalibDataset,
+    BTech,
+    BTechDataset,
+    ImageItem,
+    MVTecAD,
+    MVTecADDataset,
+    PredictDataset,
+    Visa,
+    VisaDataset,
+)
 from anomalib.data.datasets.image.mvtecad import make_mvtec_ad_dataset
-from anomalib.data.utils import LabelName, Split, TestSplitMode, ValSplitMode
+from anomalib.data.utils import LabelName, Split, TestSplitMode, ValSplitMode, read_mask
 from lightning.pytorch.trainer.states import TrainerFn
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader
@@ -35,20 +45,16 @@ from anomalib_multiclass.resumable import EpochShuffleSampler
 
 logger = logging.getLogger(__name__)
 
-# dataset name -> (anomalib datamodule, anomalib dataset): the datamodule downloads and prepares one
-# category, the dataset class lists its samples.
-ANOMALIB_SOURCES: dict[str, tuple[str, str]] = {
-    "mvtec_ad": ("anomalib.data.datamodules.image.mvtecad.MVTecAD", "anomalib.data.datasets.image.mvtecad.MVTecADDataset"),
-    "visa": ("anomalib.data.datamodules.image.visa.Visa", "anomalib.data.datasets.image.visa.VisaDataset"),
-    "btech": ("anomalib.data.datamodules.image.btech.BTech", "anomalib.data.datasets.image.btech.BTechDataset"),
+# dataset name -> (anomalib datamodule, anomalib dataset), both anomalib's public classes: the datamodule
+# downloads and prepares one category, the dataset class lists its samples. The "folder" dataset lists
+# samples with anomalib's MVTec listing function, the one that accepts any image extension.
+ANOMALIB_SOURCES: dict[str, tuple[type[AnomalibDataModule], type[AnomalibDataset]]] = {
+    "mvtec_ad": (MVTecAD, MVTecADDataset),
+    "visa": (Visa, VisaDataset),
+    "btech": (BTech, BTechDataset),
 }
 DATASETS = ("folder", *ANOMALIB_SOURCES)
 FOLDER_EXTENSIONS = tuple(sorted({*IMG_EXTENSIONS, *(ext.upper() for ext in IMG_EXTENSIONS)}))
-
-
-def _import(dotted: str) -> type:
-    module_name, _, attribute = dotted.rpartition(".")
-    return getattr(importlib.import_module(module_name), attribute)
 
 
 def read_rgb_image(path: str) -> torch.Tensor:
@@ -79,14 +85,16 @@ def read_rgb_image(path: str) -> torch.Tensor:
 
 
 def read_binary_mask(path: str) -> torch.Tensor:
-    """Read a ground-truth mask as a uint8 ``[H, W]`` tensor of 0/1 (any non-zero pixel is anomalous)."""
+    """anomalib's ``read_mask``: a uint8 ``[H, W]`` mask of 0/1 (any non-zero pixel is anomalous), naming a bad file.
+
+    Raises:
+        ValueError: naming the file when it is empty, truncated or not an image.
+    """
     try:
-        with Image.open(path) as mask:
-            array = np.asarray(mask.convert("L"))
+        return read_mask(path, as_tensor=True)
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         msg = f"Cannot read mask '{path}': {error}. Replace it with a valid single-channel PNG mask."
         raise ValueError(msg) from error
-    return torch.from_numpy((array > 0).astype(np.uint8))
 
 
 def _check_mask_sizes(samples: pd.DataFrame) -> None:
@@ -159,7 +167,7 @@ class MultiClassDataset(AnomalibDataset):
         if self.task == TaskType.SEGMENTATION and row.label_index == LabelName.NORMAL:
             gt_mask = Mask(torch.zeros(image.shape[-2:], dtype=torch.uint8))
         elif self.task == TaskType.SEGMENTATION:
-            gt_mask = Mask(read_binary_mask(row.mask_path))  # its size was checked by MultiClassAD's setup
+            gt_mask = read_binary_mask(row.mask_path)  # its size was checked by MultiClassAD's setup
         if self.augmentations:
             if gt_mask is None:
                 image = self.augmentations(image)
@@ -261,8 +269,8 @@ class MultiClassAD(AnomalibDataModule):
                 raise ValueError(msg)
             return list(dict.fromkeys(categories))
         if self.dataset in ANOMALIB_SOURCES:
-            dataset_path = ANOMALIB_SOURCES[self.dataset][1]
-            return list(importlib.import_module(dataset_path.rpartition(".")[0]).CATEGORIES)
+            dataset_class = ANOMALIB_SOURCES[self.dataset][1]
+            return list(importlib.import_module(dataset_class.__module__).CATEGORIES)
         if not self.root.is_dir():
             msg = f"Dataset root '{self.root}' does not exist. Give the folder that holds one sub-folder per category."
             raise FileNotFoundError(msg)
@@ -276,7 +284,7 @@ class MultiClassAD(AnomalibDataModule):
         """Download and prepare every category with anomalib's own datamodule (not for ``"folder"``)."""
         if self.dataset not in ANOMALIB_SOURCES:
             return
-        datamodule_class = _import(ANOMALIB_SOURCES[self.dataset][0])
+        datamodule_class = ANOMALIB_SOURCES[self.dataset][0]
         for category in self.categories:
             datamodule_class(root=self.root, category=category).prepare_data()
 
@@ -290,8 +298,8 @@ class MultiClassAD(AnomalibDataModule):
                 raise FileNotFoundError(msg)
             make_samples = lambda: make_mvtec_ad_dataset(category_root, extensions=FOLDER_EXTENSIONS)  # noqa: E731
         else:
-            datamodule = _import(ANOMALIB_SOURCES[self.dataset][0])(root=self.root, category=category)
-            dataset_class = _import(ANOMALIB_SOURCES[self.dataset][1])
+            datamodule_class, dataset_class = ANOMALIB_SOURCES[self.dataset]
+            datamodule = datamodule_class(root=self.root, category=category)
             dataset_root = getattr(datamodule, "split_root", datamodule.root)
             make_samples = lambda: dataset_class(root=dataset_root, category=category).samples  # noqa: E731
         try:

@@ -127,3 +127,37 @@ def test_training_order_survives_a_checkpoint(tiny_dataset: Path) -> None:
     restored = _setup(tiny_dataset)
     restored.load_state_dict({**datamodule.state_dict(), "resume_epoch": 0, "resume_sample": 8})
     assert [path for batch in restored.train_dataloader() for path in batch.image_path] == order[8:]
+
+
+def test_masks_read_by_anomalibs_read_mask_as_before(tmp_path: Path) -> None:
+    """anomalib's ``read_mask`` gives the 0/1 mask of the former reader (any non-zero pixel anomalous); bad files named."""
+    import numpy as np
+    from PIL import Image
+
+    from anomalib_multiclass.datamodule import read_binary_mask
+
+    values = np.array([[0, 1, 128], [255, 0, 7]], dtype=np.uint8)
+    Image.fromarray(values).save(tmp_path / "mask.png")
+    mask = read_binary_mask(str(tmp_path / "mask.png"))
+    assert mask.dtype == torch.uint8
+    assert torch.equal(mask, torch.from_numpy((values > 0).astype(np.uint8)))
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="broken.png"):
+        read_binary_mask(str(tmp_path / "broken.png"))
+
+
+def test_anomalib_sources_are_anomalibs_public_classes() -> None:
+    """The public ``anomalib.data`` names are the classes of anomalib's internal modules that were used before."""
+    from anomalib.data.datamodules.image import btech, mvtecad, visa
+    from anomalib.data.datasets.image import btech as btech_dataset
+    from anomalib.data.datasets.image import mvtecad as mvtec_dataset
+    from anomalib.data.datasets.image import visa as visa_dataset
+
+    from anomalib_multiclass.datamodule import ANOMALIB_SOURCES
+
+    assert ANOMALIB_SOURCES == {
+        "mvtec_ad": (mvtecad.MVTecAD, mvtec_dataset.MVTecADDataset),
+        "visa": (visa.Visa, visa_dataset.VisaDataset),
+        "btech": (btech.BTech, btech_dataset.BTechDataset),
+    }
+    assert MultiClassAD(root="unused", dataset="visa").categories == list(visa_dataset.CATEGORIES)

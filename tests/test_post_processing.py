@@ -99,3 +99,34 @@ def test_nan_predictions_are_labelled_anomalous() -> None:
     output = _fitted(RankPreservingPostProcessor())(InferenceBatch(pred_score=scores, anomaly_map=scores.view(1, 1, 1, 3)))
     assert output.pred_label.tolist() == [False, True, True]
     assert output.pred_mask.flatten().tolist() == [False, True, True]
+
+
+def test_anomalib_private_hooks_that_this_post_processor_overrides_are_pinned() -> None:
+    """The overridden private methods of anomalib's PostProcessor keep their signature and are still called.
+
+    An anomalib update that renames them, changes their arguments or stops calling them on the
+    Lightning path (``post_process_batch``) or the export path (``forward``) fails here, loudly,
+    instead of silently falling back to anomalib's clamped normalisation.
+    """
+    import inspect
+    from unittest import mock
+
+    assert list(inspect.signature(PostProcessor._normalize).parameters) == [  # noqa: SLF001
+        "preds", "norm_min", "norm_max", "threshold"]
+    assert list(inspect.signature(PostProcessor._apply_threshold).parameters) == ["preds", "threshold"]  # noqa: SLF001
+    assert isinstance(inspect.getattr_static(PostProcessor, "_checkpoint_config_keys"), property)
+    scores = torch.tensor([1.0, 3.0])
+    for run in (
+        lambda post_processor: post_processor(InferenceBatch(pred_score=scores, anomaly_map=scores.view(2, 1, 1, 1))),
+        lambda post_processor: post_processor.post_process_batch(
+            ImageBatch(image=torch.zeros(2, 3, 1, 1), pred_score=scores.clone(), anomaly_map=scores.view(2, 1, 1, 1))),
+    ):
+        post_processor = _fitted(RankPreservingPostProcessor())
+        with (
+            mock.patch.object(RankPreservingPostProcessor, "_normalize", wraps=post_processor._normalize) as normalize,  # noqa: SLF001
+            mock.patch.object(RankPreservingPostProcessor, "_apply_threshold",
+                              wraps=post_processor._apply_threshold) as apply_threshold,  # noqa: SLF001
+        ):
+            run(post_processor)
+        assert normalize.call_count == 2 and apply_threshold.call_count == 2
+    assert "threshold_source" in _fitted(RankPreservingPostProcessor()).checkpoint_config()
