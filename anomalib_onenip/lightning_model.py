@@ -16,7 +16,9 @@ deployment needs no category label.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -40,6 +42,7 @@ from anomalib_onenip.torch_model import OneNIPModel
 
 logger = logging.getLogger(__name__)
 
+LR_SCHEDULES = ("step", "warmup_cosine", "warmup_step")
 
 
 class OneNIP(UnifiedModelComponents, AnomalibModule):
@@ -67,8 +70,26 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
         anomaly_source_path: texture folder for Perlin anomalies (paper: DTD); None uses noise textures.
         cutpaste_probability: share of CutPaste among synthetic anomalies (paper: 0.5).
         dice_weight: weight of the refiner's Dice loss (paper: 0.5).
+        refiner_pixel_weight: weight of a pixel-wise focal/BCE term on the refiner's logits beside Dice
+            (paper: 0, none). Dice alone lets the refiner collapse in short runs: the normal half of
+            every batch is best served by predicting nothing, and once the sigmoid saturates Dice
+            passes no gradient back; this term keeps a gradient of about 1 on every wrong pixel.
+        refiner_focal_gamma: focusing exponent of that term (0: binary cross-entropy).
+        refiner_prior: initial refiner probability, set through the predictor's bias (None: the
+            paper's zero bias, probability 0.5).
+        refiner_gradient_clip_val: clip the refiner's gradient norm on its own, and the rest with
+            ``gradient_clip_val`` (None: one global clip over all parameters, as the paper; there the
+            transformer's large feature-loss gradient sets the clip factor for the refiner too).
+        refiner_lr: learning rate of the refiner's parameters (None: ``lr``).
         lr, weight_decay: AdamW settings (paper: 1e-4, 1e-4).
-        lr_step_epochs, lr_gamma: StepLR schedule (paper: 800, 0.1).
+        lr_schedule: ``"step"``: StepLR per epoch with ``lr_step_epochs`` and ``lr_gamma`` (paper: 800,
+            0.1). ``"warmup_cosine"``: per optimizer step, a linear warm-up over ``lr_warmup_fraction`` of
+            the run, then a cosine decay to ``lr * lr_gamma`` at its end. ``"warmup_step"``: the same
+            warm-up, then ``lr`` until ``lr_decay_fraction`` of the run (the paper's 800 of 1000 epochs
+            is 0.8), then ``lr * lr_gamma``. The fractions are of the trainer's total optimizer steps,
+            so any ``max_epochs`` (or ``max_steps``) gets a complete schedule.
+        lr_step_epochs, lr_gamma: StepLR step (paper: 800) and the decay factor of every schedule (paper: 0.1).
+        lr_warmup_fraction, lr_decay_fraction: see ``lr_schedule``.
         gradient_clip_val: global gradient-norm clip (paper: 0.1).
         prompts_per_category: encoded prompts kept per category in the prompt bank.
         calibration_images_per_category: training images per category used to set the refiner
@@ -103,10 +124,18 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
         anomaly_source_path: str | None = None,
         cutpaste_probability: float = 0.5,
         dice_weight: float = 0.5,
+        refiner_pixel_weight: float = 0.0,
+        refiner_focal_gamma: float = 0.0,
+        refiner_prior: float | None = None,
+        refiner_gradient_clip_val: float | None = None,
+        refiner_lr: float | None = None,
         lr: float = 1e-4,
         weight_decay: float = 1e-4,
+        lr_schedule: str = "step",
         lr_step_epochs: int = 800,
         lr_gamma: float = 0.1,
+        lr_warmup_fraction: float = 0.05,
+        lr_decay_fraction: float = 0.8,
         gradient_clip_val: float = 0.1,
         prompts_per_category: int = 1,
         calibration_images_per_category: int = 64,
@@ -128,6 +157,9 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
         if prompts_per_category < 1:
             msg = f"prompts_per_category must be at least 1, got {prompts_per_category}."
             raise ValueError(msg)
+        if lr_schedule not in LR_SCHEDULES:
+            msg = f"lr_schedule must be one of {LR_SCHEDULES}, got '{lr_schedule}'."
+            raise ValueError(msg)
         self.model = OneNIPModel(
             backbone=backbone,
             layers=layers,
@@ -146,7 +178,9 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
             score_pool_size=score_pool_size,
             normalize_per_category=normalize_per_category,
         )
-        self.loss = OneNIPLoss(dice_weight=dice_weight)
+        if refiner_prior is not None:
+            self.model.refiner.set_prior(refiner_prior)
+        self.loss = OneNIPLoss(dice_weight, pixel_weight=refiner_pixel_weight, focal_gamma=refiner_focal_gamma)
         self.anomaly_generator = OneNIPAnomalyGenerator(anomaly_source_path, cutpaste_probability=cutpaste_probability)
         # Persistent flag: the backbone holds pretrained weights (set when training starts, restored with checkpoints).
         self.register_buffer("backbone_weights_loaded", torch.tensor(False))
@@ -171,19 +205,57 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
         }
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW on the transformer and refiner; StepLR per epoch."""
-        parameters = [
+        """AdamW on the transformer and on the refiner (two parameter groups); the schedule of ``lr_schedule``."""
+        refiner = list(self.model.refiner.parameters())
+        refiner_ids = {id(parameter) for parameter in refiner}
+        transformer = [
             parameter
             for name, parameter in self.model.named_parameters()
-            if parameter.requires_grad and not name.startswith("feature_extractor.")
+            if parameter.requires_grad and not name.startswith("feature_extractor.") and id(parameter) not in refiner_ids
         ]
-        optimizer = torch.optim.AdamW(parameters, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        scheduler = torch.optim.lr_scheduler.StepLR(
-            optimizer,
-            step_size=self.hparams.lr_step_epochs,
-            gamma=self.hparams.lr_gamma,
+        refiner_lr = self.hparams.lr if self.hparams.refiner_lr is None else self.hparams.refiner_lr
+        optimizer = torch.optim.AdamW(
+            [{"params": transformer}, {"params": refiner, "lr": refiner_lr}],
+            lr=self.hparams.lr,
+            weight_decay=self.hparams.weight_decay,
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        if self.hparams.lr_schedule == "step":
+            scheduler = torch.optim.lr_scheduler.StepLR(
+                optimizer,
+                step_size=self.hparams.lr_step_epochs,
+                gamma=self.hparams.lr_gamma,
+            )
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(self._lr_factor, total_steps=total_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _lr_factor(self, step: int, total_steps: int) -> float:
+        """Factor of the base learning rates at optimizer step ``step`` of ``total_steps`` (per-step schedules)."""
+        progress = step / total_steps
+        warmup = self.hparams.lr_warmup_fraction
+        if progress < warmup:
+            return (step + 1) / (warmup * total_steps + 1)
+        gamma = self.hparams.lr_gamma
+        if self.hparams.lr_schedule == "warmup_step":
+            return 1.0 if progress < self.hparams.lr_decay_fraction else gamma
+        cosine = 0.5 * (1 + math.cos(math.pi * min((progress - warmup) / max(1 - warmup, 1e-8), 1.0)))
+        return gamma + (1 - gamma) * cosine
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """The trainer's clip over all parameters, or (``refiner_gradient_clip_val``) the refiner's group on its own."""
+        if self.hparams.refiner_gradient_clip_val is None:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        transformer_group, refiner_group = optimizer.param_groups
+        if gradient_clip_val:
+            nn.utils.clip_grad_norm_(transformer_group["params"], gradient_clip_val)
+        nn.utils.clip_grad_norm_(refiner_group["params"], self.hparams.refiner_gradient_clip_val)
 
     # ----------------------------------------------------------------------------------------- fit
     def on_fit_start(self) -> None:
@@ -264,6 +336,8 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
         self.log("train_loss", losses["loss"], on_epoch=True, prog_bar=True, logger=True, batch_size=len(images))
         self.log("train_feature_loss", losses["feature_loss"], on_epoch=True, logger=True, batch_size=len(images))
         self.log("train_dice_loss", losses["dice_loss"], on_epoch=True, logger=True, batch_size=len(images))
+        if "pixel_loss" in losses:
+            self.log("train_pixel_loss", losses["pixel_loss"], on_epoch=True, logger=True, batch_size=len(images))
         self._prompt_bank_outdated = True
         return {"loss": losses["loss"]}
 
