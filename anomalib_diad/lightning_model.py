@@ -42,7 +42,7 @@ from anomalib_diad.components.diffusers_models import (
 )
 from anomalib_diad.loss import AutoencoderLoss, DiffusionLoss
 from anomalib_diad.torch_model import DiADModel
-from anomalib_multiclass.components import UnifiedModelComponents
+from anomalib_multiclass.components import UnifiedModelComponents, training_images_in_order
 from anomalib_multiclass.backbone import load_pretrained_backbone
 
 logger = logging.getLogger(__name__)
@@ -317,7 +317,7 @@ class DiAD(UnifiedModelComponents, AnomalibModule):
         if datamodule is None or getattr(datamodule, "train_data", None) is None:
             logger.warning("DiAD: no training data to compute the per-category score statistics; keeping the old ones.")
             return
-        self.compute_score_statistics(datamodule.train_dataloader())
+        self.compute_score_statistics(training_images_in_order(datamodule))
         self.calibration_step.fill_(self.global_step)
 
     @torch.no_grad()

@@ -148,6 +148,8 @@ class DiADModel(nn.Module):
             self.autoencoder.requires_grad_(True)
             return
         self.sg_network.requires_grad_(True)
+        for unused in self.sg_network.unused_residual_outputs():
+            unused.requires_grad_(False)
         if self.train_unet_decoder:
             for part in (self.unet.up_blocks, self.unet.conv_norm_out, self.unet.conv_out):
                 part.requires_grad_(True)

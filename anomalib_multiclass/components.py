@@ -15,13 +15,19 @@ from anomalib.metrics import Evaluator
 from anomalib.pre_processing import PreProcessor
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from anomalib_multiclass.anomalib_fixes import MultiClassCheckpointIO, check_checkpoint_file
 from anomalib_multiclass.backbone import backbone_normalization
 from anomalib_multiclass.evaluator import PerCategoryEvaluator
 from anomalib_multiclass.post_processing import RankPreservingPostProcessor
-from anomalib_multiclass.resumable import RANDOM_STATES_KEY, collect_random_states, restore_random_states
+from anomalib_multiclass.resumable import (
+    RANDOM_STATES_KEY,
+    gather_random_states,
+    random_states_of_rank,
+    restore_random_states,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +43,22 @@ def package_version() -> str:
         return version(PACKAGE)
     except PackageNotFoundError:
         return "unknown"
+
+
+def training_images_in_order(datamodule: Any) -> DataLoader:  # noqa: ANN401
+    """Every training image of ``datamodule`` once, in dataset order, unsharded, without augmentation draws.
+
+    What the models calibrate on: under DDP every rank reads the whole training set here, so the
+    constants computed from it (prompt pool, score statistics) are the same on every rank and the same
+    as in one process, whatever the training shuffle.
+    """
+    dataset = datamodule.train_data
+    return DataLoader(
+        dataset=dataset,
+        batch_size=datamodule.eval_batch_size,
+        num_workers=datamodule.num_workers,
+        collate_fn=getattr(datamodule, "external_collate_fn", None) or dataset.collate_fn,
+    )
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -58,7 +80,8 @@ class UnifiedModelComponents:
     - ``category_names``, the training categories in index order, saved in and restored from checkpoints;
     - checkpoints that name their model class and format version, and refuse to load into another
       model class or a plugin version with another format (:class:`IncompatibleCheckpointError`);
-    - checkpoints that hold the random states, so that a resumed run draws what the uninterrupted one did;
+    - checkpoints that hold the random states (every rank's under DDP), so that a resumed run draws what the
+      uninterrupted one did;
     - exports (torch, ONNX, OpenVINO) that refuse a model that was never fitted (:class:`NotFittedError`;
       the model class defines ``_missing_fitted_state() -> str | None``).
     """
@@ -138,6 +161,34 @@ class UnifiedModelComponents:
         io = strategy.checkpoint_io
         if type(io) is AnomalibCheckpointIO:
             strategy.checkpoint_io = MultiClassCheckpointIO(extra_safe_globals=io.extra_safe_globals)
+        if self.trainer.world_size > 1:
+            self._share_run_directory()
+
+    def _share_run_directory(self) -> None:
+        """Under DDP, write every rank's outputs to rank 0's run directory, and point ``latest`` at it.
+
+        anomalib's engine creates a new versioned run directory (``v0``, ``v1``, ...) in every process
+        it starts, so the DDP ranks that Lightning launches each make their own, and the last one
+        takes the ``latest`` link: heatmaps would be split and ``latest`` would name a directory without
+        the checkpoint or the metrics. Here rank 0's directory is broadcast; another rank adopts it as its
+        trainer's root (``Trainer._default_root_dir``, set only where that attribute exists; otherwise one
+        warning), removes the empty directory it made, and points ``latest`` back at rank 0's.
+        """
+        trainer = self.trainer
+        shared = trainer.strategy.broadcast(str(trainer.default_root_dir), src=0)
+        own = Path(trainer.default_root_dir)
+        if trainer.is_global_zero or shared == str(own):
+            return
+        if not hasattr(trainer, "_default_root_dir"):
+            logger.warning("Rank %d writes to its own run directory '%s' (rank 0: '%s').", trainer.global_rank, own, shared)
+            return
+        trainer._default_root_dir = shared  # noqa: SLF001 - no public setter; guarded above
+        if own.is_dir() and not any(own.iterdir()):
+            own.rmdir()
+        latest = own.parent / "latest"
+        if latest.is_symlink() and Path(shared).parent == own.parent:
+            latest.unlink()
+            latest.symlink_to(Path(shared).name, target_is_directory=True)
 
     def on_fit_end(self) -> None:
         """Remember the checkpoint this fit resumed from (see :meth:`on_load_checkpoint`)."""
@@ -154,7 +205,7 @@ class UnifiedModelComponents:
             "package_version": package_version(),
         }
         checkpoint[self.CATEGORIES_KEY] = list(self.category_names)
-        checkpoint[RANDOM_STATES_KEY] = collect_random_states()
+        checkpoint[RANDOM_STATES_KEY] = gather_random_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another model or format; adopt its architecture; restore the category names.
@@ -162,7 +213,8 @@ class UnifiedModelComponents:
         ``anomalib train --ckpt_path CKPT`` (``Engine.train``) resumes from ``CKPT`` and then asks the
         trainer to test ``CKPT`` again, which would report the metrics of the checkpoint it started from.
         When the test loads the very checkpoint that this model's last fit resumed from, the checkpoint's
-        state is replaced by the trained model's own, so the trained model is tested.
+        state is replaced by the trained model's own (its callbacks' and datamodule's states are not
+        loaded either), so the trained model is tested.
 
         Raises:
             IncompatibleCheckpointError: naming the checkpoint file when the trainer loads it.
@@ -175,6 +227,11 @@ class UnifiedModelComponents:
             self._resumed_from_checkpoint = None
             checkpoint["state_dict"] = self.state_dict()
             checkpoint[self.CATEGORIES_KEY] = list(self.category_names)
+            # the callbacks (post-processor thresholds, evaluator) and the datamodule keep their trained state too
+            checkpoint.pop("callbacks", None)
+            datamodule = getattr(trainer, "datamodule", None)
+            if datamodule is not None:
+                checkpoint.pop(type(datamodule).__qualname__, None)
             return
         try:
             self._check_checkpoint_info(checkpoint)
@@ -186,8 +243,9 @@ class UnifiedModelComponents:
         self._adopt_checkpoint_architecture(checkpoint.get("hyper_parameters") or {})
         super().on_load_checkpoint(checkpoint)
         self.category_names = list(checkpoint.get(self.CATEGORIES_KEY, []))
-        if trainer is not None:  # a run resumed with --ckpt_path (not load_from_checkpoint)
-            self._random_states_to_restore = checkpoint.get(RANDOM_STATES_KEY)
+        saved_states = checkpoint.get(RANDOM_STATES_KEY)
+        if trainer is not None and saved_states is not None:  # a run resumed with --ckpt_path (not load_from_checkpoint)
+            self._random_states_to_restore = random_states_of_rank(saved_states, trainer.global_rank)
 
     def on_train_epoch_start(self) -> None:
         """A resumed run continues the random draws of the run it resumes (see :mod:`anomalib_multiclass.resumable`)."""

@@ -33,6 +33,7 @@ from anomalib.data import (
 )
 from anomalib.data.datasets.image.mvtecad import make_mvtec_ad_dataset
 from anomalib.data.utils import LabelName, Split, TestSplitMode, ValSplitMode, read_mask
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.trainer.states import TrainerFn
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader
@@ -330,10 +331,12 @@ class MultiClassAD(AnomalibDataModule):
 
         Each epoch's order comes from ``(shuffle seed, epoch)``; the shuffle seed is ``seed`` when given,
         else drawn once from torch's generator (seeded by ``--seed_everything``) and kept in checkpoints.
+        Under DDP every rank takes its own share of that order (see :class:`EpochShuffleSampler`).
         """
         if self._shuffle_seed is None:
             self._shuffle_seed = self.seed if self.seed is not None else int(torch.randint(2**31 - 1, ()).item())
-        sampler = EpochShuffleSampler(len(self.train_data), self._shuffle_seed)
+        world_size, rank = self._distribution()
+        sampler = EpochShuffleSampler(len(self.train_data), self._shuffle_seed, num_replicas=world_size, rank=rank)
         if self._resume_position is not None:
             sampler.resume_at(*self._resume_position)
             self._resume_position = None
@@ -344,6 +347,39 @@ class MultiClassAD(AnomalibDataModule):
             num_workers=self.num_workers,
             collate_fn=self.external_collate_fn or self.train_data.collate_fn,
         )
+
+    def val_dataloader(self) -> DataLoader:
+        """anomalib's validation loader; under DDP each rank reads its share of the images, each image once."""
+        return self._evaluation_loader(self.val_data)
+
+    def test_dataloader(self) -> DataLoader:
+        """anomalib's test loader; under DDP each rank reads its share of the images, each image once."""
+        return self._evaluation_loader(self.test_data)
+
+    def _evaluation_loader(self, dataset: AnomalibDataset) -> DataLoader:
+        """In order; under DDP with Lightning's unpadded sampler, so no image is counted twice in the metrics.
+
+        Lightning's default for evaluation under DDP is a padded ``DistributedSampler``, which repeats
+        images so that every rank gets as many; the metrics would count those images twice.
+        """
+        world_size, rank = self._distribution()
+        sampler = None
+        if world_size > 1:
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+        return DataLoader(
+            dataset=dataset,
+            sampler=sampler,
+            batch_size=self.eval_batch_size,
+            num_workers=self.num_workers,
+            collate_fn=self.external_collate_fn or dataset.collate_fn,
+        )
+
+    def _distribution(self) -> tuple[int, int]:
+        """``(world size, global rank)`` of the trainer this datamodule serves (``(1, 0)`` without one)."""
+        trainer = self.trainer
+        if trainer is None:
+            return 1, 0
+        return trainer.world_size, trainer.global_rank
 
     def state_dict(self) -> dict[str, Any]:
         """The shuffle seed and, during fitting, where the next training sample of the current epoch is."""

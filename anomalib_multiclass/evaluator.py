@@ -2,7 +2,8 @@
 
 :class:`PerCategoryEvaluator` is an anomalib :class:`~anomalib.metrics.Evaluator`: it computes and
 logs the usual dataset-wide test metrics, and the same metrics for every category found in the
-batches' ``category`` field (see :mod:`anomalib_multiclass.batch`). At the end of testing it
+batches' ``category`` field (see :mod:`anomalib_multiclass.batch`). Under DDP the metrics (torchmetrics)
+gather every rank's images before computing, so each category's metrics cover its whole test set. At the end of testing it
 logs ``<category>/<metric>`` and ``mean/<metric>``, prints a table, and writes
 ``metrics_per_category.json``, ``metrics_per_category.csv`` and ``metrics_per_category.png`` to
 the run directory (``trainer.default_root_dir``, where anomalib saves checkpoints and images).
@@ -63,10 +64,18 @@ class PerCategoryEvaluator(Evaluator):
         self.results: dict[str, dict[str, float]] = {}
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Start every test run with empty per-category metrics."""
-        del trainer, pl_module
+        """Start every test run with empty metrics for each category of the test set.
+
+        Under DDP every rank must hold (and so synchronise, in the same order) the metrics of every
+        category, also of one whose images all went to another rank: they are created here from the
+        test set's categories, which every rank knows.
+        """
+        del pl_module
         self._category_metrics = {}
         self.results = {}
+        test_data = getattr(getattr(trainer, "datamodule", None), "test_data", None)
+        for category in getattr(test_data, "categories", []):
+            self._category_metrics[category] = self._new_metrics()
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
         """Update the dataset-wide metrics, then each category's metrics with its part of the batch."""
@@ -87,7 +96,7 @@ class PerCategoryEvaluator(Evaluator):
         if not self._category_metrics:
             return
         self.results = {
-            category: {metric.name: _compute(metric, category) for metric in metrics if metric.update_count > 0}
+            category: {metric.name: _compute(metric, category) for metric in metrics}
             for category, metrics in sorted(self._category_metrics.items())
         }
         names = list(dict.fromkeys(name for values in self.results.values() for name in values))
@@ -98,8 +107,8 @@ class PerCategoryEvaluator(Evaluator):
         for category, values in self.results.items():
             for name, value in values.items():
                 self.log(f"{category}/{name}", value)
-        print_table(self.results)
         if trainer.is_global_zero:
+            print_table(self.results)
             save_results(self.results, Path(trainer.default_root_dir))
 
     def _new_metrics(self) -> list[AnomalibMetric]:

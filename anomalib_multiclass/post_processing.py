@@ -9,6 +9,7 @@ import torch
 from anomalib.data import Batch
 from anomalib.post_processing import PostProcessor
 from lightning import LightningModule, Trainer
+from torchmetrics.utilities.distributed import gather_all_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,9 @@ class RankPreservingPostProcessor(PostProcessor):
     validation images only (``gt_label == 0``; all images when the batch carries no labels), as a
     deployment without defect examples must: the image threshold is the ``normal_quantile``
     quantile of their image scores, the pixel threshold the same quantile of their per-image
-    maximum map value, and ``min``/``max`` their score and map ranges. ``"f1_adaptive"`` is
+    maximum map value, and ``min``/``max`` their score and map ranges. Under DDP the values of every
+    rank are gathered first, so every rank and the checkpoint hold the constants of the whole
+    validation set. ``"f1_adaptive"`` is
     anomalib's: the F1-optimal thresholds on a validation set with anomalies.
 
     The plugins' torch models standardise scores and maps per category (with statistics of each
@@ -99,9 +102,10 @@ class RankPreservingPostProcessor(PostProcessor):
         if self.threshold_source == "f1_adaptive":
             super().on_validation_epoch_end(trainer, pl_module)
             return
-        scores = torch.cat(self._normal_scores) if self._normal_scores else torch.zeros(0)
-        map_maxima = torch.cat(self._normal_map_maxima) if self._normal_map_maxima else torch.zeros(0)
-        map_minima = torch.cat(self._normal_map_minima) if self._normal_map_minima else torch.zeros(0)
+        scores, map_maxima, map_minima = (
+            _all_ranks(torch.cat(values) if values else torch.zeros(0))
+            for values in (self._normal_scores, self._normal_map_maxima, self._normal_map_minima)
+        )
         self._normal_scores, self._normal_map_maxima, self._normal_map_minima = [], [], []
         if scores.numel() == 0:
             logger.warning(
@@ -144,3 +148,15 @@ class RankPreservingPostProcessor(PostProcessor):
         normalized = 0.5 + 0.5 * distance / (1 + distance.abs())
         has_range = ~torch.isnan(norm_min) & ~torch.isnan(norm_max)
         return torch.where(has_range, normalized, preds)
+
+
+def _all_ranks(values: torch.Tensor) -> torch.Tensor:
+    """``values`` ``[n]`` of every rank, concatenated in rank order (this rank's alone outside DDP).
+
+    The ranks may hold different numbers of values (torchmetrics' gather pads and trims them).
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return values
+    if torch.distributed.get_world_size() == 1:
+        return values
+    return torch.cat(gather_all_tensors(values))

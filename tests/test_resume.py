@@ -21,14 +21,18 @@ SEED = 3
 EPOCHS = 2
 
 
-def _config(path: Path, model: str, data_root: Path, categories: list[str], batch_size: int) -> Path:
-    """A YAML run with the README's checkpoint callback, saving every step (``epoch=E-step=S.ckpt`` and ``last.ckpt``)."""
+def _config(path: Path, model: str, data_root: Path, categories: list[str], batch_size: int, devices: int = 1) -> Path:
+    """A YAML run with the README's checkpoint callback, saving every step (``epoch=E-step=S.ckpt`` and ``last.ckpt``).
+
+    ``devices=2`` trains with Lightning's DDP on two CPU processes (gloo).
+    """
+    distributed = f"  devices: {devices}\n  strategy: ddp\n" if devices > 1 else ""
     path.write_text(
         f"seed_everything: {SEED}\n"
         f"model:\n{model}"
         f"data:\n  class_path: anomalib_multiclass.MultiClassAD\n  init_args:\n    root: {data_root}\n"
         f"    categories: {json.dumps(categories)}\n    num_workers: 0\n    train_batch_size: {batch_size}\n"
-        f"trainer:\n  max_epochs: {EPOCHS}\n  accelerator: cpu\n  enable_progress_bar: false\n  callbacks:\n"
+        f"trainer:\n  max_epochs: {EPOCHS}\n  accelerator: cpu\n{distributed}  enable_progress_bar: false\n  callbacks:\n"
         "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n      init_args:\n"
         "        dirpath: checkpoints\n        filename: '{epoch}-{step}'\n        every_n_train_steps: 1\n"
         "        save_top_k: -1\n        save_last: true\n"
@@ -60,7 +64,7 @@ def _final_state(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _interrupted_then_resumed(config: Path, run_dir: Path, steps_per_epoch: int) -> int:
-    """Train, SIGKILL the process once it is inside the second epoch, resume as the README says.
+    """Train, SIGKILL the run (all its processes) once it is inside the second epoch, resume as the README says.
 
     The resumed run starts from ``last.ckpt``; only if the kill cut that file short (or it was written at
     an epoch's end) from the newest complete mid-epoch step checkpoint. Returns the step it started from.
@@ -73,11 +77,12 @@ def _interrupted_then_resumed(config: Path, run_dir: Path, steps_per_epoch: int)
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        start_new_session=True,  # its own process group: the DDP workers are killed with it
     )
     deadline = time.monotonic() + 600
     while process.poll() is None and time.monotonic() < deadline:
         if any(_step(path) >= kill_after for path in _step_checkpoints(run_dir)):
-            process.send_signal(signal.SIGKILL)
+            os.killpg(process.pid, signal.SIGKILL)
             break
         time.sleep(0.02)
     assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed mid-epoch"
@@ -99,8 +104,8 @@ def _assert_same_end(uninterrupted: Path, resumed: Path) -> None:
 
 
 def _resume_check(tmp_path: Path, model: str, data_root: Path, categories: list[str], batch_size: int,
-                  steps_per_epoch: int) -> None:
-    config = _config(tmp_path / "config.yaml", model, data_root, categories, batch_size)
+                  steps_per_epoch: int, devices: int = 1) -> None:
+    config = _config(tmp_path / "config.yaml", model, data_root, categories, batch_size, devices)
     uninterrupted = tmp_path / "uninterrupted"
     uninterrupted.mkdir()
     run_anomalib(["train", "-c", str(config)], uninterrupted)
@@ -110,14 +115,22 @@ def _resume_check(tmp_path: Path, model: str, data_root: Path, categories: list[
     _assert_same_end(uninterrupted, tmp_path / "resumed")
 
 
+ONENIP = (
+    "  class_path: anomalib_onenip.OneNIP\n  init_args:\n    backbone: tf_efficientnet_lite0\n"
+    "    pre_trained: false\n    input_size: [64, 64]\n    hidden_dim: 32\n    num_heads: 2\n"
+    "    num_encoder_layers: 1\n    num_decoder_layers: 1\n    dim_feedforward: 64\n    visualizer: false\n"
+)
+
+
 def test_onenip_killed_mid_epoch_resumes_to_the_same_model_and_metrics(tiny_dataset: Path, tmp_path: Path) -> None:
     """Random prompts, synthetic anomalies and the shuffle continue where the killed run stopped."""
-    model = (
-        "  class_path: anomalib_onenip.OneNIP\n  init_args:\n    backbone: tf_efficientnet_lite0\n"
-        "    pre_trained: false\n    input_size: [64, 64]\n    hidden_dim: 32\n    num_heads: 2\n"
-        "    num_encoder_layers: 1\n    num_decoder_layers: 1\n    dim_feedforward: 64\n    visualizer: false\n"
-    )
-    _resume_check(tmp_path, model, tiny_dataset, ["brick", "grass", "gravel"], batch_size=4, steps_per_epoch=6)
+    _resume_check(tmp_path, ONENIP, tiny_dataset, ["brick", "grass", "gravel"], batch_size=4, steps_per_epoch=6)
+
+
+def test_two_process_ddp_onenip_killed_mid_epoch_resumes_to_the_same_model(tiny_dataset: Path, tmp_path: Path) -> None:
+    """DDP on 2 CPU processes: each rank's shard position and random states continue where the killed run stopped."""
+    _resume_check(tmp_path, ONENIP, tiny_dataset, ["brick", "grass", "gravel"], batch_size=4, steps_per_epoch=3,
+                  devices=2)
 
 
 def test_diad_stage_two_killed_mid_epoch_resumes_to_the_same_model_and_metrics(

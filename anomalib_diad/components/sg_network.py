@@ -87,3 +87,15 @@ class SemanticGuidedNetwork(nn.Module):
         if self.inject_levels == "deepest":
             residuals[: SFF_TARGETS.start] = [torch.zeros_like(residual) for residual in residuals[: SFF_TARGETS.start]]
         return residuals, mid_residual
+
+    def unused_residual_outputs(self) -> list[nn.Module]:
+        """The output convs of the residuals that never reach the UNet (replaced by zeros and not fused by SFF).
+
+        With ``inject_levels="deepest"`` they get no gradient; they are frozen so that DDP, which requires
+        every trained parameter to take part in the loss, accepts the model (training is unchanged: an
+        optimiser skips parameters without gradients).
+        """
+        if self.inject_levels != "deepest":
+            return []
+        first_used = SFF_SOURCES.start if self.sff is not None else SFF_TARGETS.start
+        return list(self.controlnet.controlnet_down_blocks[:first_used])
