@@ -12,6 +12,8 @@ from torchmetrics.functional.classification import binary_auroc
 
 from anomalib_multiclass import MultiClassAD
 from anomalib_onenip import OneNIP
+from anomalib_onenip.components import Refiner
+from anomalib_onenip.loss import OneNIPLoss, focal_loss
 from tests.conftest import TINY_ONENIP
 
 
@@ -30,6 +32,28 @@ def _refiner_on_synthetic_anomalies(model: OneNIP, datamodule: MultiClassAD) -> 
         maps.append(refiner_map[:, 0])
         masks.append(torch.cat([torch.zeros_like(anomaly_masks), anomaly_masks])[:, 0])
     return torch.cat(maps), torch.cat(masks)
+
+
+def test_focal_term_is_bce_at_gamma_zero_and_spares_easy_pixels() -> None:
+    logits = torch.tensor([[-4.0, 0.0, 4.0, -4.0]]).view(1, 1, 2, 2)
+    masks = torch.tensor([[0.0, 1.0, 1.0, 1.0]]).view(1, 1, 2, 2)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, masks)
+    assert focal_loss(logits, masks, gamma=0.0) == pytest.approx(bce.item())
+    # gamma 2: the wrong pixel (logit -4, mask 1) keeps 0.96 of its 4.018, the unsure one (logit 0) 0.25 of its
+    # 0.693, the two easy ones (0.018 each) almost nothing
+    assert focal_loss(logits, masks, gamma=2.0) == pytest.approx((3.8749 + 0.1733) / 4, rel=1e-3)
+    reconstruction = torch.zeros(1, 4, 2, 2)
+    assert "pixel_loss" not in OneNIPLoss()(reconstruction, reconstruction, logits, masks)
+    losses = OneNIPLoss(pixel_weight=2.0)(reconstruction, reconstruction, logits, masks)
+    assert losses["loss"] == pytest.approx((0.5 * losses["dice_loss"] + 2.0 * losses["pixel_loss"]).item())
+
+
+def test_refiner_prior_sets_the_initial_probability() -> None:
+    refiner = Refiner(8, 16)
+    refiner.set_prior(0.01)
+    assert torch.sigmoid(refiner.predictor.bias).item() == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="prior must be in"):
+        refiner.set_prior(1.0)
 
 
 @pytest.fixture(scope="module")

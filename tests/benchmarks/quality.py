@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from anomalib.data import Batch
 from anomalib.engine import Engine
 from anomalib.models import Padim, Patchcore
 from lightning.pytorch import seed_everything
@@ -65,7 +64,6 @@ def refiner_pixel_auroc(model: OneNIP, datamodule: MultiClassAD) -> dict[str, fl
     model.eval()
     metrics: dict[str, BinaryAUROC] = {}
     for batch in datamodule.test_dataloader():
-        batch: Batch
         images, masks = model.pre_processor.transform(batch.image.to(model.device), batch.gt_mask.to(model.device))
         features = model.model.extract_features(images)
         category_index = model._category_index(batch)  # noqa: SLF001
