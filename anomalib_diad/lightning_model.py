@@ -82,7 +82,8 @@ class DiAD(UnifiedModelComponents, AnomalibModule):
         accumulate_grad_batches: gradient accumulation; None uses the official 8 / 4.
         kl_weight, perceptual_weight: stage-1 loss weights (see :class:`~anomalib_diad.loss.AutoencoderLoss`).
         calibration_images_per_category: normal training images per category for the score
-            statistics of ``normalize_per_category``.
+            statistics of ``normalize_per_category`` (the first ones in dataset order, the same on every
+            DDP rank).
         pre_processor, post_processor, evaluator, visualizer: anomalib components.
     """
 
@@ -324,7 +325,8 @@ class DiAD(UnifiedModelComponents, AnomalibModule):
     def compute_score_statistics(self, dataloader: Any) -> None:
         """Mean and std of the raw image score of up to ``calibration_images_per_category`` training images per category.
 
-        Only training (normal) images are used; the statistics live in the model's state dict.
+        Only training (normal) images are used, the first ones of each category in ``dataloader``'s order
+        (training reads them in dataset order, unsharded); the statistics live in the model's state dict.
         """
         was_training = self.model.training
         self.model.eval()

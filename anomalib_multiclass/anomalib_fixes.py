@@ -10,8 +10,8 @@ built is one of this package's.
   integer seed is applied before the model, datamodule and engine are built, as Lightning's own
   CLI does (:func:`apply_seed_fix`, a guarded wrapper of ``AnomalibCLI.before_instantiate_classes``;
   ``True``, anomalib's default, keeps anomalib's behaviour).
-- **Checkpoint loading** (:class:`MultiClassCheckpointIO`, which these models install on their
-  trainer in ``setup``): a checkpoint saved on a GPU loads on a CPU-only machine (anomalib's IO passes
+- **Checkpoint loading** (:class:`~anomalib_multiclass.checkpoint_io.MultiClassCheckpointIO`, which
+  these models install on their trainer in ``setup``): a checkpoint saved on a GPU loads on a CPU-only machine (anomalib's IO passes
   ``map_location=None``; Lightning's own IO keeps storages on the CPU), and a missing or truncated
   local ``--ckpt_path`` is named with the fix instead of failing deep inside ``torch.load``. Remote
   paths (``s3://``, other fsspec URLs) are left to Lightning.
@@ -30,9 +30,8 @@ import zipfile
 from typing import Any
 
 import fsspec
-from anomalib.engine.plugins import AnomalibCheckpointIO
 from fsspec.utils import get_protocol
-from lightning.fabric.utilities.types import _MAP_LOCATION_TYPE, _PATH
+from lightning.fabric.utilities.types import _PATH
 
 logger = logging.getLogger(__name__)
 
@@ -72,27 +71,6 @@ def keep_on_cpu(storage: Any, location: str) -> Any:  # noqa: ANN401
     """``torch.load`` location function: every storage stays where it was read, on the CPU (Lightning's default)."""
     del location
     return storage
-
-
-class MultiClassCheckpointIO(AnomalibCheckpointIO):
-    """anomalib's checkpoint IO (its safe globals) that loads on the CPU by default and names a bad local file.
-
-    Installed by this package's models on their own trainer (``UnifiedModelComponents.setup``) in
-    place of a plain :class:`AnomalibCheckpointIO`; a checkpoint IO the user configured is kept.
-    Lightning moves the loaded state to the run's device afterwards.
-    """
-
-    def load_checkpoint(
-        self,
-        path: _PATH,
-        map_location: _MAP_LOCATION_TYPE = None,
-        weights_only: bool = True,
-    ) -> dict[str, Any]:
-        """Check a local ``path`` (see :func:`check_checkpoint_file`), then load it, on the CPU unless told otherwise."""
-        check_checkpoint_file(path)
-        if map_location is None:
-            map_location = keep_on_cpu
-        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
 
 def _builds_multiclass_model(cli: Any) -> bool:  # noqa: ANN401

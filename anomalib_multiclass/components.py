@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 from anomalib.data import Batch
-from anomalib.engine.plugins import AnomalibCheckpointIO
 from anomalib.metrics import Evaluator
 from anomalib.pre_processing import PreProcessor
 from lightning.pytorch.trainer.states import TrainerFn
@@ -18,7 +17,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from anomalib_multiclass.anomalib_fixes import MultiClassCheckpointIO, check_checkpoint_file
+from anomalib_multiclass.anomalib_fixes import check_checkpoint_file
 from anomalib_multiclass.backbone import backbone_normalization
 from anomalib_multiclass.evaluator import PerCategoryEvaluator
 from anomalib_multiclass.post_processing import RankPreservingPostProcessor
@@ -156,6 +155,10 @@ class UnifiedModelComponents:
         with it: on the CPU by default (GPU checkpoints load on CPU-only machines) and with a clear error
         for a missing or truncated local file. A checkpoint IO the user configured is kept.
         """
+        from anomalib.engine.plugins import AnomalibCheckpointIO  # here: anomalib.engine imports anomalib.models
+
+        from anomalib_multiclass.checkpoint_io import MultiClassCheckpointIO
+
         super().setup(stage)
         strategy = self.trainer.strategy
         io = strategy.checkpoint_io

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from torchvision.transforms import v2
 
 POST_PROCESSOR_CONSTANTS = ("_image_threshold", "_pixel_threshold", "image_min", "image_max", "pixel_min", "pixel_max")
 
@@ -70,6 +71,7 @@ def run_config(path: Path, model: str, data_root: Path, categories: list[str], e
                devices: int) -> Path:
     """A YAML ``anomalib train`` config: ``model`` (YAML lines), ``MultiClassAD``, CPU, DDP when ``devices > 1``."""
     distributed = f"  devices: {devices}\n  strategy: ddp\n" if devices > 1 else ""
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
         f"seed_everything: 3\nmodel:\n{model}"
         f"data:\n  class_path: anomalib_multiclass.MultiClassAD\n  init_args:\n    root: {data_root}\n"
@@ -105,8 +107,10 @@ def refit_in_one_process(model_class: type, checkpoint: Path, data_root: Path, c
 
     directory.mkdir(parents=True, exist_ok=True)
     model = model_class.load_from_checkpoint(checkpoint, pre_trained=False)
+    # the model's resize, which a trainer would add to the datasets (images of different sizes must be resized)
+    resize = next(step for step in model.pre_processor.transform.transforms if isinstance(step, v2.Resize))
     datamodule = MultiClassAD(root=data_root, categories=categories, num_workers=0, train_batch_size=batch_size,
-                              eval_batch_size=batch_size)
+                              eval_batch_size=batch_size, augmentations=resize)
     datamodule.setup()
     if hasattr(model.model, "prompt_bank"):
         model.cache_training_features(training_images_in_order(datamodule))

@@ -139,7 +139,7 @@ def test_onenip_ddp_fits_what_one_process_fits(onenip_ddp_run: Path, tiny_datase
 
 
 @pytest.mark.slow
-def test_diad_stages_train_under_ddp_and_fit_what_one_process_fits(
+def test_diad_stages_train_under_ddp_fit_what_one_process_fits_and_export(
     diad_ddp_runs: dict[str, Path], tiny_dataset: Path, tmp_path: Path
 ) -> None:
     from anomalib_diad import DiAD
@@ -148,3 +148,9 @@ def test_diad_stages_train_under_ddp_and_fit_what_one_process_fits(
         state = _same_on_every_rank(run)
         _each_test_image_once(run, tiny_dataset)
         _one_process_matches(DiAD, run, tiny_dataset, state, tmp_path / stage)
+        export_root = tmp_path / stage / "export"
+        run_anomalib(["export", "--model", "anomalib_diad.DiAD", "--model.architecture", "tiny",
+                      "--model.input_size", "[128,128]", "--model.diffusion_weights", "null", "--model.pre_trained",
+                      "false", "--model.backbone", "resnet18", "--model.stage", stage, "--ckpt_path",
+                      str(run_checkpoint(run)), "--export_type", "torch", "--export_root", str(export_root)], tmp_path)
+        assert next(export_root.rglob("model.pt")).stat().st_size > 0

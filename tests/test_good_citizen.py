@@ -11,7 +11,8 @@ import torch
 from jsonargparse import Namespace
 
 import anomalib_onenip  # noqa: F401 - the seed fix recognises imported model classes
-from anomalib_multiclass.anomalib_fixes import MultiClassCheckpointIO, apply_seed_fix, check_checkpoint_file
+from anomalib_multiclass.anomalib_fixes import apply_seed_fix, check_checkpoint_file
+from anomalib_multiclass.checkpoint_io import MultiClassCheckpointIO
 from anomalib_multiclass.score_statistics import CategoryScoreStatistics
 
 
@@ -95,7 +96,7 @@ def test_setup_installs_the_checkpoint_io_only_over_anomalibs_plain_one(user_io:
     model = OneNIP(**TINY_ONENIP)
     original = UserIO() if user_io else AnomalibCheckpointIO(extra_safe_globals=[int])
     strategy = SimpleNamespace(checkpoint_io=original)
-    model._trainer = SimpleNamespace(strategy=strategy)  # noqa: SLF001 - the part of a Trainer setup reads
+    model._trainer = SimpleNamespace(strategy=strategy, world_size=1)  # noqa: SLF001 - the part of a Trainer setup reads
     model.setup("fit")
     if user_io:
         assert strategy.checkpoint_io is original

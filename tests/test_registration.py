@@ -21,6 +21,7 @@ def _python(code: str, hook: bool = True, pythonpath: Path | None = None) -> str
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False,
                             env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "failed to load" not in result.stderr, result.stderr[-3000:]
     return result.stdout.strip()
 
 
@@ -73,8 +74,14 @@ def test_from_anomalib_models_import() -> None:
 
 
 def test_plugin_imported_first_still_registers() -> None:
-    output = _python("from anomalib_onenip import OneNIP\nimport anomalib.models\nprint(anomalib.models.OneNIP is OneNIP)")
-    assert output == "True"
+    """Importing a model first (which imports anomalib) still registers both models, without import cycles."""
+    output = _python("from anomalib_onenip import OneNIP\nimport anomalib.models\n"
+                     "print(anomalib.models.OneNIP is OneNIP, hasattr(anomalib.models, 'DiAD'))")
+    assert output == "True True"
+    for first in ("import anomalib_diad", "from anomalib_multiclass import MultiClassAD"):
+        output = _python(f"{first}\nimport anomalib.engine, anomalib.models\n"
+                         "print(hasattr(anomalib.models, 'OneNIP'), hasattr(anomalib.models, 'DiAD'))")
+        assert output == "True True", first
 
 
 @pytest.mark.slow
