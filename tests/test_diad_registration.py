@@ -26,10 +26,3 @@ def test_get_model_and_anomalib_models_attribute() -> None:
     )
     assert output == "anomalib_diad.lightning_model True"
 
-
-def test_entry_point_group_declares_the_model() -> None:
-    output = _python(
-        "from importlib.metadata import entry_points\n"
-        "print([(e.name, e.value) for e in entry_points(group='anomalib.models') if e.name == 'DiAD'])"
-    )
-    assert output == "[('DiAD', 'anomalib_diad:DiAD')]"
