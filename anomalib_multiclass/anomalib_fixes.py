@@ -11,8 +11,9 @@ built is one of this package's.
   CLI does (:func:`apply_seed_fix`, a guarded wrapper of ``AnomalibCLI.before_instantiate_classes``;
   ``True``, anomalib's default, keeps anomalib's behaviour).
 - **Checkpoint loading** (:class:`~anomalib_multiclass.checkpoint_io.MultiClassCheckpointIO`, which
-  these models install on their trainer in ``setup``): a checkpoint saved on a GPU loads on a CPU-only machine (anomalib's IO passes
-  ``map_location=None``; Lightning's own IO keeps storages on the CPU), and a missing or truncated
+  these models install on their trainer in ``setup``): a checkpoint saved on a GPU loads on a CPU-only
+  machine (anomalib's IO passes ``map_location=None``; Lightning's own IO keeps storages on the CPU),
+  and a missing or truncated
   local ``--ckpt_path`` is named with the fix instead of failing deep inside ``torch.load``. Remote
   paths (``s3://``, other fsspec URLs) are left to Lightning.
 - **Test after resume.** ``anomalib train --ckpt_path CKPT`` resumes from ``CKPT`` and then tests

@@ -45,7 +45,7 @@ def package_version() -> str:
 
 
 def training_images_in_order(datamodule: Any) -> DataLoader:  # noqa: ANN401
-    """Every training image of ``datamodule`` once, in dataset order, unsharded, without augmentation draws.
+    """Every training image of ``datamodule`` once, in dataset order, unsharded, with the training set's transforms.
 
     What the models calibrate on: under DDP every rank reads the whole training set here, so the
     constants computed from it (prompt pool, score statistics) are the same on every rank and the same
