@@ -37,10 +37,33 @@ class CategoryScoreStatistics(nn.Module):
         whose normal images all score alike is not divided by zero.
         """
         rows = [*scores, torch.cat(scores)] if self.pooled_row else list(scores)
-        mean = torch.stack([row.mean() for row in rows])
-        std = torch.stack([row.std(unbiased=False) for row in rows])
-        self.mean = mean.to(self.mean)
-        self.std = std.clamp_min(1e-3 * mean.abs().clamp_min(1e-6)).to(self.std)
+        statistics = [_row_statistics(row) for row in rows]
+        self.mean = torch.stack([mean for mean, _ in statistics]).to(self.mean)
+        self.std = torch.stack([std for _, std in statistics]).to(self.std)
+
+    @torch.no_grad()
+    def set_row(self, index: int, scores: torch.Tensor) -> None:
+        """Store one category's statistics of ``scores [n]`` in row ``index`` (``num_rows`` appends a row).
+
+        The other rows keep their exact values, so adding a category changes nothing for the others.
+
+        Raises:
+            ValueError: with ``pooled_row`` (its all-categories row would need every category's scores),
+                or for an ``index`` beyond ``num_rows``.
+        """
+        if self.pooled_row:
+            msg = "set_row cannot update statistics with a pooled row: call store with every category's scores."
+            raise ValueError(msg)
+        if not 0 <= index <= self.num_rows:
+            msg = f"Row {index} is out of range: the statistics hold {self.num_rows} rows (that index appends one)."
+            raise ValueError(msg)
+        mean, std = _row_statistics(scores)
+        if index == self.num_rows:
+            self.mean = torch.cat([self.mean, mean.view(1).to(self.mean)])
+            self.std = torch.cat([self.std, std.view(1).to(self.std)])
+        else:
+            self.mean[index] = mean
+            self.std[index] = std
 
     def standardize(self, anomaly_map: torch.Tensor, category_index: torch.Tensor | None) -> torch.Tensor:
         """``(A - mean_c) / std_c`` for maps ``[B, 1, H, W]``; ``category_index`` ``[B]``, or None for the last row."""
@@ -56,3 +79,9 @@ class CategoryScoreStatistics(nn.Module):
             if stored is not None:
                 setattr(self, name, torch.empty_like(stored, device=getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _row_statistics(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and population standard deviation of ``scores [n]``, the latter floored at ``1e-3 * |mean|``."""
+    mean = scores.mean()
+    return mean, scores.std(unbiased=False).clamp_min(1e-3 * mean.abs().clamp_min(1e-6))

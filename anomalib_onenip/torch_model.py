@@ -46,7 +46,8 @@ class OneNIPModel(nn.Module):
         use_neighbor_mask: UniAD's neighbour masking in the encoder and decoder.
         feature_jitter_scale, feature_jitter_prob: training feature jitter (paper: 20, 1.0).
         refiner_channels: refiner width (paper: 128).
-        reconstruction_weight: ``lambda`` in ``A = lambda * R + (1 - lambda) * kappa * S`` (paper: 0.5).
+        reconstruction_weight: ``lambda`` in ``A = lambda * R + (1 - lambda) * kappa_c * S`` (paper: 0.5),
+            with ``kappa_c`` the refiner scale of the prompt's category (``refiner_scale [M]``).
         score_pool_size: average-pooling window of the image score (paper: 16).
         normalize_per_category: standardise map and score with the chosen prompt's category
             statistics (see :meth:`predict`); False returns the paper's raw fused map.
@@ -101,7 +102,9 @@ class OneNIPModel(nn.Module):
         self.refiner = Refiner(channels, refiner_channels)
         self.prompt_bank = PromptBank(self.feature_size[0] * self.feature_size[1], hidden_dim, channels)
         self.score_statistics = CategoryScoreStatistics()
-        self.register_buffer("refiner_scale", torch.tensor(1.0))
+        # kappa per category [M]: training sets every entry to the one value of the paper's formula; a category
+        # added later (OneNIP.add_category) gets its own (it grows to the size of whatever is loaded)
+        self.register_buffer("refiner_scale", torch.ones(1))
         self.feature_jitter_scale = feature_jitter_scale
         self.feature_jitter_prob = feature_jitter_prob
         self.reconstruction_weight = reconstruction_weight
@@ -219,7 +222,7 @@ class OneNIPModel(nn.Module):
         features: torch.Tensor,
         category_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The paper's anomaly map ``A = lambda * R + (1 - lambda) * kappa * S`` ``[B, 1, H, W]``.
+        """The paper's anomaly map ``A = lambda * R + (1 - lambda) * kappa_c * S`` ``[B, 1, H, W]``.
 
         Args:
             features: query features ``[B, C, h, w]``.
@@ -229,13 +232,19 @@ class OneNIPModel(nn.Module):
             ``A`` and the category index of the prompt used for each query ``[B]``.
         """
         encoded_prompt, prompt_category = self.prompt_bank.select(self.global_features(features), category_index)
-        return self.prompted_map(features, encoded_prompt), prompt_category
+        return self.prompted_map(features, encoded_prompt, prompt_category), prompt_category
 
-    def prompted_map(self, features: torch.Tensor, encoded_prompt: torch.Tensor) -> torch.Tensor:
-        """``A`` ``[B, 1, H, W]`` for query features ``[B, C, h, w]`` and one encoded prompt per query ``[B, N, D]``."""
+    def prompted_map(
+        self,
+        features: torch.Tensor,
+        encoded_prompt: torch.Tensor,
+        prompt_category: torch.Tensor,
+    ) -> torch.Tensor:
+        """``A [B, 1, H, W]`` for query features ``[B, C, h, w]``, one encoded prompt per query ``[B, N, D]`` and its category ``[B]``."""
         reconstruction_map, refiner_map = self.residual_maps(self.reconstruct(features, encoded_prompt), features)
         weight = self.reconstruction_weight
-        return weight * reconstruction_map + (1 - weight) * self.refiner_scale * refiner_map
+        refiner_scale = self.refiner_scale[prompt_category].view(-1, 1, 1, 1)
+        return weight * reconstruction_map + (1 - weight) * refiner_scale * refiner_map
 
     def standardized(self, anomaly_map: torch.Tensor, prompt_category: torch.Tensor) -> torch.Tensor:
         """With ``normalize_per_category``: ``(A - mean_c) / std_c`` for each map's prompt category ``[B]``."""
@@ -270,8 +279,19 @@ class OneNIPModel(nn.Module):
         return InferenceBatch(pred_score=self.image_score(anomaly_map), anomaly_map=anomaly_map)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
-        """Read checkpoints that kept the score statistics in the prompt bank (``prompt_bank.score_mean/std``)."""
+        """Resize ``refiner_scale`` to the stored one; read checkpoints of earlier layouts.
+
+        Earlier checkpoints kept the score statistics in the prompt bank (``prompt_bank.score_mean/std``)
+        and one refiner scale for all categories (a scalar, here repeated once per category).
+        """
         for legacy, current in self.LEGACY_STATISTICS_KEYS.items():
             if prefix + legacy in state_dict and prefix + current not in state_dict:
                 state_dict[prefix + current] = state_dict.pop(prefix + legacy)
+        refiner_scale = state_dict.get(prefix + "refiner_scale")
+        if refiner_scale is not None:
+            if refiner_scale.ndim == 0:
+                categories = state_dict.get(prefix + "prompt_bank.categories")
+                count = int(categories.max()) + 1 if categories is not None and categories.numel() else 1
+                refiner_scale = state_dict[prefix + "refiner_scale"] = refiner_scale.repeat(count)
+            self.refiner_scale = torch.empty_like(refiner_scale, device=self.refiner_scale.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

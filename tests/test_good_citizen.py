@@ -122,10 +122,16 @@ def test_category_score_statistics_match_the_former_formulas() -> None:
     expected = (maps - mean.view(-1, 1, 1, 1)) / std.view(-1, 1, 1, 1)
     assert torch.equal(per_category.standardize(maps, torch.tensor([0, 1])), expected)
     assert torch.equal(pooled.standardize(maps, None), (maps - pooled.mean[-1]) / pooled.std[-1])
+    # a category added later gets the same formula; the others keep their exact values
+    per_category.set_row(2, torch.tensor([0.0, 0.0]))
+    assert torch.equal(per_category.mean[:2], mean) and torch.equal(per_category.std[:2], std)
+    assert per_category.mean[2] == 0 and per_category.std[2] == pytest.approx(1e-9)
+    with pytest.raises(ValueError, match="pooled row"):
+        pooled.set_row(0, scores[0])
 
 
 def test_onenip_reads_statistics_saved_in_the_prompt_bank() -> None:
-    """Checkpoints written before the statistics were shared (``prompt_bank.score_mean``) still load."""
+    """Checkpoints written before the statistics were shared (``prompt_bank.score_mean``) or kappa per category still load."""
     from anomalib_onenip.torch_model import OneNIPModel
 
     model = OneNIPModel(backbone="tf_efficientnet_lite0", input_size=(64, 64), hidden_dim=32, num_heads=2,
@@ -134,9 +140,15 @@ def test_onenip_reads_statistics_saved_in_the_prompt_bank() -> None:
     del state_dict["score_statistics.mean"], state_dict["score_statistics.std"]
     state_dict["prompt_bank.score_mean"] = torch.tensor([1.0, 2.0])
     state_dict["prompt_bank.score_std"] = torch.tensor([0.5, 0.25])
+    # and kept one refiner scale for all categories
+    state_dict["refiner_scale"] = torch.tensor(2.5)
+    state_dict["prompt_bank.tokens"] = torch.zeros(3, 16, 32)
+    state_dict["prompt_bank.global_features"] = torch.zeros(3, 192)
+    state_dict["prompt_bank.categories"] = torch.tensor([0, 1, 1])
     model.load_state_dict(state_dict)
     assert torch.equal(model.score_statistics.mean, torch.tensor([1.0, 2.0]))
     assert torch.equal(model.score_statistics.std, torch.tensor([0.5, 0.25]))
+    assert torch.equal(model.refiner_scale, torch.tensor([2.5, 2.5]))
 
 
 # ------------------------------------------------------------------------------------------ plots

@@ -41,10 +41,17 @@ def test_inference_returns_scores_and_maps() -> None:
     features = model.extract_features(torch.rand(3, 3, 64, 64))
     model.prompt_bank.store(model.encode_prompts(features), model.global_features(features), torch.tensor([0, 1, 2]))
     model.score_statistics.mean, model.score_statistics.std = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, 1.0, 2.0])
+    model.refiner_scale = torch.tensor([1.0, 2.0, 0.5])
     images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         output = model(images)
-        raw_map, category = model.fused_map(model.extract_features(images))
+        query = model.extract_features(images)
+        raw_map, category = model.fused_map(query)
+        prompt, _ = model.prompt_bank.select(model.global_features(query))
+        reconstruction_map, refiner_map = model.residual_maps(model.reconstruct(query, prompt), query)
+    # A = lambda * R + (1 - lambda) * kappa_c * S with the chosen prompt's category's kappa
+    kappa = model.refiner_scale[category].view(-1, 1, 1, 1)
+    assert torch.allclose(raw_map, 0.5 * reconstruction_map + 0.5 * kappa * refiner_map, atol=1e-6)
     assert isinstance(output, InferenceBatch)
     assert output.anomaly_map.shape == (2, 1, 64, 64)
     assert output.pred_score.shape == (2,)

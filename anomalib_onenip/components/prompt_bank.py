@@ -38,6 +38,21 @@ class PromptBank(nn.Module):
         self.global_features = F.normalize(global_features.detach(), dim=-1)
         self.categories = categories.detach().to(torch.long).clone()
 
+    def replace_category(self, category: int, tokens: torch.Tensor, global_features: torch.Tensor) -> None:
+        """Set the prompts of category index ``category`` to ``tokens [k, N, D]`` and ``global_features [k, C]``.
+
+        The prompts of that category, if any, are dropped; those of every other category keep their
+        exact values (their global features are not normalised again) and their order; the new ones
+        are appended.
+        """
+        keep = self.categories != category
+        self.tokens = torch.cat([self.tokens[keep], tokens.detach().to(self.tokens)])
+        self.global_features = torch.cat(
+            [self.global_features[keep], F.normalize(global_features.detach(), dim=-1).to(self.global_features)],
+        )
+        added = torch.full((len(tokens),), category, dtype=torch.long, device=self.categories.device)
+        self.categories = torch.cat([self.categories[keep], added])
+
     def select(
         self,
         global_features: torch.Tensor,

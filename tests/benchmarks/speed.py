@@ -59,7 +59,7 @@ def onenip_official(model: OneNIPModel, images: torch.Tensor, prompt_images: tor
     """
     features = model.extract_features(images)
     encoded_prompt = model.encode_prompts(model.extract_features(prompt_images))
-    anomaly_map = model.standardized(model.prompted_map(features, encoded_prompt), category_index)
+    anomaly_map = model.standardized(model.prompted_map(features, encoded_prompt, category_index), category_index)
     pool_size = min(model.score_pool_size, *model.input_size)
     return anomaly_map, F.avg_pool2d(anomaly_map, pool_size, stride=1).amax(dim=(1, 2, 3))
 
