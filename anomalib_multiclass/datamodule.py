@@ -85,6 +85,57 @@ def read_rgb_image(path: str) -> torch.Tensor:
     return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
 
 
+def list_normal_images(source: str | Path | Sequence[str | Path]) -> list[Path]:
+    """The image files of a folder (sorted; sub-folders are not read) or a list of files, checked to be one size.
+
+    The images of one category should come from one camera setup: the pre-processor stretches every
+    image to the model's input size, so images of different sizes (or aspect ratios) would be
+    distorted differently. Only the file headers are read here.
+
+    Raises:
+        FileNotFoundError: naming a folder or file that does not exist.
+        ValueError: naming an empty folder (and the extensions looked for), an unreadable file, or an
+            image whose size differs from the first one's.
+    """
+    if isinstance(source, (str, Path)):
+        folder = Path(source)
+        if not folder.is_dir():
+            msg = f"Image folder '{folder}' does not exist. Give the folder that holds the category's normal images."
+            raise FileNotFoundError(msg)
+        paths = sorted(path for path in folder.iterdir() if path.is_file() and path.suffix in FOLDER_EXTENSIONS)
+        if not paths:
+            msg = (
+                f"Image folder '{folder}' holds no images (looked for {', '.join(sorted(set(IMG_EXTENSIONS)))}; "
+                "sub-folders are not read). Put the category's normal images directly in it."
+            )
+            raise ValueError(msg)
+    else:
+        paths = [Path(path) for path in source]
+        if not paths:
+            msg = "The list of images is empty: give at least one normal image."
+            raise ValueError(msg)
+    sizes = {}
+    for path in paths:
+        if not path.is_file():
+            msg = f"Image '{path}' does not exist."
+            raise FileNotFoundError(msg)
+        try:
+            with Image.open(path) as image:
+                sizes[path] = image.size[::-1]
+        except (UnidentifiedImageError, OSError) as error:
+            msg = f"Cannot read image '{path}': {error}. Replace it with a valid image or remove it."
+            raise ValueError(msg) from error
+    first = paths[0]
+    for path, size in sizes.items():
+        if size != sizes[first]:
+            msg = (
+                f"Image '{path}' is {size} (H, W) but '{first}' is {sizes[first]}: one category's images must have one "
+                "size (one camera setup). Resize or crop them to one size, or remove the odd ones."
+            )
+            raise ValueError(msg)
+    return paths
+
+
 def read_binary_mask(path: str) -> torch.Tensor:
     """anomalib's ``read_mask``: a uint8 ``[H, W]`` mask of 0/1 (any non-zero pixel is anomalous), naming a bad file.
 

@@ -19,6 +19,7 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,8 +35,9 @@ from torch.nn import functional as F  # noqa: N812
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from anomalib_multiclass.components import UnifiedModelComponents
 from anomalib_multiclass.backbone import load_pretrained_backbone
+from anomalib_multiclass.components import NotFittedError, UnifiedModelComponents
+from anomalib_multiclass.datamodule import list_normal_images, read_rgb_image
 from anomalib_onenip.anomaly_generator import OneNIPAnomalyGenerator
 from anomalib_onenip.loss import OneNIPLoss
 from anomalib_onenip.torch_model import OneNIPModel
@@ -384,7 +386,8 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
 
         1. Refiner scale ``kappa``, which brings the refiner map ``S`` (in [0, 1]) to the range of
            the reconstruction map ``R``: the official code sets ``kappa = (max R + min R) / 2`` over
-           all pixels of the whole *test* set; here the same formula runs over the calibration images.
+           all pixels of the whole *test* set; here the same formula runs over the calibration images
+           of all categories, and every category's entry of ``refiner_scale [M]`` gets that one value.
         2. Per category, the mean and standard deviation of the image score of the calibration
            images (used by ``normalize_per_category``).
         """
@@ -393,37 +396,121 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
             raise RuntimeError(msg)
         was_training = self.model.training
         self.model.eval()
+        pools = list(enumerate(self._prompt_features[name] for name in self.category_names))
         selected, categories = [], []
-        for index, name in enumerate(self.category_names):
-            features = self._prompt_features[name]
-            chosen = _representative_indices(self.model.global_features(features), self.hparams.prompts_per_category)
-            selected.append(features[chosen])
-            categories.append(torch.full((len(chosen),), index, dtype=torch.long))
+        for index, features in pools:
+            selected.append(self._category_prompts(features))
+            categories.append(torch.full((len(selected[-1]),), index, dtype=torch.long))
         prompt_features = torch.cat(selected).to(self.device)
-        bank = self.model.prompt_bank
-        bank.store(
+        self.model.prompt_bank.store(
             self.model.encode_prompts(prompt_features),
             self.model.global_features(prompt_features),
             torch.cat(categories).to(self.device),
         )
+        low, high = self._reconstruction_range(pools)
+        self.model.refiner_scale = torch.full((len(pools),), (high + low) / 2, device=self.device)
+        self.model.score_statistics.store(self._calibration_scores(pools))
+        self.model.train(was_training)
+
+    @torch.no_grad()
+    def add_category(self, name: str, images: str | Path | Sequence[str | Path], replace: bool = False) -> None:
+        """Add category ``name`` to this trained model from normal images, without a gradient step.
+
+        Everything the trained categories got from training is computed for the new one from its images,
+        in the same way: its prompts (the medoid, then farthest points, ``prompts_per_category``) are
+        encoded into the prompt bank; its refiner scale ``kappa`` comes from the paper's formula over its
+        calibration images (up to ``calibration_images_per_category``); its score statistics from their
+        image scores. The weights and every other category's prompts, ``kappa`` and statistics keep their
+        exact values, so the trained categories' outputs with their category given are unchanged.
+        Without a category (nearest prompt) an image of another category may now choose the new
+        category's prompt, if that is the nearest.
+
+        Args:
+            name: the new category's name (the batches' ``category`` tag with :class:`MultiClassAD`).
+            images: a folder of normal images (one camera setup, one size; sub-folders are not read) or a
+                list of image files. One image is enough; more give a better prompt choice and statistics.
+            replace: replace the prompts and calibration of an existing category of that name.
+
+        Raises:
+            NotFittedError: the model has no prompt bank (it was never trained).
+            ValueError: the name exists and ``replace`` is False, or an image is unreadable or of
+                another size (naming the file).
+            FileNotFoundError: the folder does not exist.
+        """
+        missing = self._missing_fitted_state()
+        if missing is not None or not self.category_names:
+            msg = f"OneNIP has no {missing or 'category names'}: train it first, then add categories to its checkpoint."
+            raise NotFittedError(msg)
+        if not isinstance(name, str) or not name.strip():
+            msg = f"The category name must be a non-empty string, got {name!r}."
+            raise ValueError(msg)
+        if name in self.category_names and not replace:
+            msg = (
+                f"Category '{name}' already exists in this model ({self.category_names}): choose another name, or "
+                "replace its prompts and calibration with replace=True (--replace)."
+            )
+            raise ValueError(msg)
+        features = self._image_features(list_normal_images(images))
+        index = self.category_names.index(name) if name in self.category_names else len(self.category_names)
+        was_training = self.model.training
+        self.model.eval()
+        prompts = self._category_prompts(features).to(self.device)
+        self.model.prompt_bank.replace_category(index, self.model.encode_prompts(prompts), self.model.global_features(prompts))
+        pools = [(index, features)]
+        low, high = self._reconstruction_range(pools)
+        refiner_scale = self.model.refiner_scale
+        if index == len(refiner_scale):
+            refiner_scale = self.model.refiner_scale = torch.cat([refiner_scale, refiner_scale.new_zeros(1)])
+        refiner_scale[index] = (high + low) / 2
+        self.model.score_statistics.set_row(index, self._calibration_scores(pools)[0])
+        if index == len(self.category_names):
+            self.category_names.append(name)
+        self.model.train(was_training)
+        logger.info("OneNIP: category '%s' added from %d normal images (index %d).", name, len(features), index)
+
+    @torch.no_grad()
+    def _image_features(self, paths: Sequence[Path], chunk_size: int = 16) -> torch.Tensor:
+        """Backbone features ``[n, C, h, w]`` (on the CPU) of image files, pre-processed as in training."""
+        self.model.feature_extractor.eval()
+        features = []
+        for start in range(0, len(paths), chunk_size):
+            images = torch.stack([read_rgb_image(str(path)) for path in paths[start : start + chunk_size]])
+            features.append(self.model.extract_features(self._pre_process(images.to(self.device))).cpu())
+        return torch.cat(features)
+
+    def _category_prompts(self, features: torch.Tensor) -> torch.Tensor:
+        """The ``prompts_per_category`` representative rows of one category's features ``[n, C, h, w]``."""
+        return features[_representative_indices(self.model.global_features(features), self.hparams.prompts_per_category)]
+
+    def _reconstruction_range(self, pools: Sequence[tuple[int, torch.Tensor]]) -> tuple[float, float]:
+        """Minimum and maximum of the reconstruction map ``R`` over the calibration images of ``pools``."""
         low, high = float("inf"), float("-inf")
-        for features, category_index in self._calibration_batches():
-            encoded_prompt, _ = bank.select(self.model.global_features(features), category_index)
+        for features, category_index in self._calibration_batches(pools):
+            encoded_prompt, _ = self.model.prompt_bank.select(self.model.global_features(features), category_index)
             reconstruction = self.model.reconstruct(features, encoded_prompt)
             reconstruction_map, _ = self.model.residual_maps(reconstruction, features)
             low, high = min(low, reconstruction_map.min().item()), max(high, reconstruction_map.max().item())
-        self.model.refiner_scale.fill_((high + low) / 2)
-        scores: list[list[torch.Tensor]] = [[] for _ in self.category_names]
-        for features, category_index in self._calibration_batches():
+        return low, high
+
+    def _calibration_scores(self, pools: Sequence[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
+        """Image scores ``[n_m]`` of the calibration images of each pool, with its category's prompt."""
+        scores: dict[int, list[torch.Tensor]] = {index: [] for index, _ in pools}
+        for features, category_index in self._calibration_batches(pools):
             anomaly_map, _ = self.model.fused_map(features, category_index)
             scores[int(category_index[0])].append(self.model.image_score(anomaly_map))
-        self.model.score_statistics.store([torch.cat(values) for values in scores])
-        self.model.train(was_training)
+        return [torch.cat(values) for values in scores.values()]
 
-    def _calibration_batches(self, chunk_size: int = 16) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Chunks of calibration features ``[b, C, h, w]`` (on the device) with their category index ``[b]``."""
-        for index, name in enumerate(self.category_names):
-            pool = self._prompt_features[name]
+    def _calibration_batches(
+        self,
+        pools: Sequence[tuple[int, torch.Tensor]],
+        chunk_size: int = 16,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Chunks of calibration features ``[b, C, h, w]`` (on the device) with their category index ``[b]``.
+
+        ``pools`` pairs a category index with that category's features ``[n, C, h, w]``; up to
+        ``calibration_images_per_category`` of them, evenly spaced, are used.
+        """
+        for index, pool in pools:
             count = min(len(pool), self.hparams.calibration_images_per_category)
             subset = pool[torch.linspace(0, len(pool) - 1, count).round().long()]
             for features in subset.split(chunk_size):
@@ -451,7 +538,8 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
         if unknown:
             msg = (
                 f"Categories {unknown} were not in OneNIP's training data (known: {self.category_names}). "
-                "Train on them, or predict on plain images (without categories) to use the nearest prompt."
+                "Add them to the trained model from normal images (OneNIP.add_category, or the command "
+                "onenip-add-category), or predict on plain images (without categories) to use the nearest prompt."
             )
             raise ValueError(msg)
         return torch.tensor([self.category_names.index(name) for name in categories], device=batch.image.device)
