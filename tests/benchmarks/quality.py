@@ -74,11 +74,15 @@ def refiner_pixel_auroc(model: OneNIP, datamodule: MultiClassAD) -> dict[str, fl
     return {category: float(metric.compute()) for category, metric in metrics.items()}
 
 
-def run_onenip(args: argparse.Namespace, work: Path) -> dict[str, dict[str, float]]:
-    # the model of configs/onenip/real_ad_lite0.yaml (at --input-size); --onenip-options overrides for ablations
+def onenip_model(args: argparse.Namespace) -> OneNIP:
+    """The model of configs/onenip/real_ad_lite0.yaml (at --input-size); --onenip-options overrides for ablations."""
     options = {"hidden_dim": 128, "num_encoder_layers": 2, "num_decoder_layers": 2, "dim_feedforward": 512, "lr": 1e-3,
                "refiner_pixel_weight": 1.0, "refiner_focal_gamma": 2.0, **json.loads(args.onenip_options)}
-    model = OneNIP(backbone=args.backbone, weights_path=args.weights_path, input_size=(args.input_size,) * 2, **options)
+    return OneNIP(backbone=args.backbone, weights_path=args.weights_path, input_size=(args.input_size,) * 2, **options)
+
+
+def run_onenip(args: argparse.Namespace, work: Path) -> dict[str, dict[str, float]]:
+    model = onenip_model(args)
     datamodule = _datamodule(args, args.categories)
     results, _ = _fit_and_test(model, datamodule, args.onenip_epochs, work / "onenip")
     per_category = _per_category(results, args.categories)
