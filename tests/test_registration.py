@@ -103,4 +103,5 @@ def test_wheel_records_every_installed_file(tmp_path: Path) -> None:
     assert top_level == {"anomalib_multiclass", "anomalib_onenip", "anomalib_diad", f"{HOOK}.py", f"{HOOK}.pth",
                          dist_info}
     assert "[anomalib.models]" not in entry_points, "no generic entry-point group that another plugin could share"
+    assert "onenip-add-category = anomalib_onenip.new_category:main" in entry_points
     assert not any(name.endswith((".ckpt", ".pth", ".png")) and "autoload" not in name for name in names)
