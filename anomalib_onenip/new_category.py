@@ -29,9 +29,11 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from anomalib.data.transforms.utils import extract_transforms_by_type
 from anomalib.data.utils import LabelName, Split
 from lightning.pytorch import Trainer, seed_everything
 from torch.utils.data import DataLoader
+from torchvision.transforms.v2 import Resize
 
 from anomalib_multiclass.anomalib_fixes import check_checkpoint_file
 from anomalib_multiclass.datamodule import MultiClassAD, MultiClassDataset, list_normal_images
@@ -83,7 +85,11 @@ def adapt_to_new_category(
         "label_index": int(LabelName.NORMAL),
         "category": name,
     })
-    dataset = MultiClassDataset(pd.concat([replayed, new_samples], ignore_index=True))
+    # as anomalib's datamodules do in training: the model's resize runs in the dataset, so that images of
+    # categories of different sizes collate into one batch
+    resizes = extract_transforms_by_type(getattr(model.pre_processor, "transform", None), Resize)
+    dataset = MultiClassDataset(pd.concat([replayed, new_samples], ignore_index=True),
+                                augmentations=resizes[0] if resizes else None)
     logger.info(
         "OneNIP adaptation: %d epochs on %d replayed images of %s and %d images of '%s' (%d files x %d).",
         epochs, len(replayed), known, len(new_samples), name, len(paths), repeats,

@@ -131,8 +131,12 @@ def test_one_image_is_enough_and_replace_is_explicit(two_category_checkpoint: Pa
 def test_short_adaptation_replays_the_known_categories(two_category_checkpoint: Path, tiny_dataset: Path,
                                                        tmp_path: Path) -> None:
     output = tmp_path / "adapted.ckpt"
+    larger = tmp_path / "larger"  # another camera: batches mix 72 px new images with 64 px replayed ones
+    larger.mkdir()
+    for path in sorted((tiny_dataset / NEW / "train" / "good").iterdir()):
+        Image.open(path).resize((72, 72)).save(larger / path.name)
     add_category_cli(["--ckpt_path", str(two_category_checkpoint), "--category", NEW,
-                      "--images", str(tiny_dataset / NEW / "train" / "good"), "--output", str(output),
+                      "--images", str(larger), "--output", str(output),
                       "--adapt_epochs", "1", "--replay_root", str(tiny_dataset), "--batch_size", "4",
                       "--accelerator", "cpu", "--seed", "1"])
     before = OneNIP.load_from_checkpoint(two_category_checkpoint, map_location="cpu")

@@ -14,7 +14,8 @@ For each held-out category ``c`` of ``--categories``: one unified OneNIP is trai
 On ``c``'s test set these are compared with a unified OneNIP trained on all categories from the start,
 and with anomalib's PatchCore and PaDiM trained on ``c`` alone (``quality.py``'s settings). Every entry
 records its wall time (training, or adding). Writes ``new_category.json``, ``new_category.md`` and
-``new_category.png`` (image AUROC and pixel AUPRO against the number of images) to ``--output``.
+``new_category.png`` (image AUROC and pixel AUPRO against the number of images) to ``--output``; a rerun
+with the same settings reuses the baselines of ``new_category.json``.
 """
 
 from __future__ import annotations
@@ -181,7 +182,12 @@ def main() -> None:
         "settings": {key: value for key, value in vars(args).items() if key != "output"},
         "held_out": {},
     }
-    report["baselines"] = baselines(args, output / "runs")
+    previous = output / "new_category.json"
+    if previous.is_file() and json.loads(previous.read_text()).get("settings") == report["settings"]:
+        report["baselines"] = json.loads(previous.read_text())["baselines"]  # an interrupted run's, same settings
+    else:
+        report["baselines"] = baselines(args, output / "runs")
+        previous.write_text(json.dumps(report, indent=2))
     for category in args.categories:
         report["held_out"][category] = held_out(args, category, output / "runs" / category)
         (output / "new_category.json").write_text(json.dumps(report, indent=2))
