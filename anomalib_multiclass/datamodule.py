@@ -85,17 +85,19 @@ def read_rgb_image(path: str) -> torch.Tensor:
     return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
 
 
-def list_normal_images(source: str | Path | Sequence[str | Path]) -> list[Path]:
-    """The image files of a folder (sorted; sub-folders are not read) or a list of files, checked to be one size.
+def list_normal_images(source: str | Path | Sequence[str | Path], aspect_tolerance: float = 0.1) -> list[Path]:
+    """The image files of a folder (sorted; sub-folders are not read) or a list of files, checked to be one shape.
 
     The images of one category should come from one camera setup: the pre-processor stretches every
-    image to the model's input size, so images of different sizes (or aspect ratios) would be
-    distorted differently. Only the file headers are read here.
+    image to the model's input size, so images of different aspect ratios would be distorted
+    differently. Sizes may vary a little (KolektorSDD's crops are 100 to 104 px wide): an image whose
+    aspect ratio (W / H) is more than ``aspect_tolerance`` (relative) from the median image's is
+    refused. Only the file headers are read here.
 
     Raises:
         FileNotFoundError: naming a folder or file that does not exist.
         ValueError: naming an empty folder (and the extensions looked for), an unreadable file, or an
-            image whose size differs from the first one's.
+            image of another shape.
     """
     if isinstance(source, (str, Path)):
         folder = Path(source)
@@ -125,12 +127,16 @@ def list_normal_images(source: str | Path | Sequence[str | Path]) -> list[Path]:
         except (UnidentifiedImageError, OSError) as error:
             msg = f"Cannot read image '{path}': {error}. Replace it with a valid image or remove it."
             raise ValueError(msg) from error
-    first = paths[0]
-    for path, size in sizes.items():
-        if size != sizes[first]:
+    by_aspect = sorted(paths, key=lambda path: sizes[path][1] / sizes[path][0])
+    median = by_aspect[len(by_aspect) // 2]
+    median_aspect = sizes[median][1] / sizes[median][0]
+    for path in paths:
+        aspect = sizes[path][1] / sizes[path][0]
+        if abs(aspect / median_aspect - 1) > aspect_tolerance:
             msg = (
-                f"Image '{path}' is {size} (H, W) but '{first}' is {sizes[first]}: one category's images must have one "
-                "size (one camera setup). Resize or crop them to one size, or remove the odd ones."
+                f"Image '{path}' is {sizes[path]} (H, W), another shape than the category's other images (e.g. "
+                f"'{median}', {sizes[median]}): one category's images come from one camera setup. Resize or crop "
+                "them to one size, or remove the odd ones."
             )
             raise ValueError(msg)
     return paths

@@ -175,7 +175,7 @@ def test_bad_input_is_named(two_category_checkpoint: Path, tiny_dataset: Path, t
     shutil.copytree(tiny_dataset / NEW / "train" / "good", mixed)
     Image.fromarray(np.zeros((80, 64, 3), dtype=np.uint8)).save(mixed / "zz_taller.png")
     error = _cli_error(capsys, "--ckpt_path", ckpt, "--category", "x", "--images", str(mixed))
-    assert "zz_taller.png' is (80, 64)" in error
+    assert "zz_taller.png' is (80, 64) (H, W), another shape" in error
     assert "Resize or crop them to one size" in error
 
     error = _cli_error(capsys, "--ckpt_path", ckpt, "--category", "brick", "--images", str(tiny_dataset / NEW / "train" / "good"))

@@ -15,7 +15,7 @@ On ``c``'s test set these are compared with a unified OneNIP trained on all cate
 and with anomalib's PatchCore and PaDiM trained on ``c`` alone (``quality.py``'s settings). Every entry
 records its wall time (training, or adding). Writes ``new_category.json``, ``new_category.md`` and
 ``new_category.png`` (image AUROC and pixel AUPRO against the number of images) to ``--output``; a rerun
-with the same settings reuses the baselines of ``new_category.json``.
+with the same settings keeps what ``new_category.json`` holds and measures the rest.
 """
 
 from __future__ import annotations
@@ -184,11 +184,15 @@ def main() -> None:
     }
     previous = output / "new_category.json"
     if previous.is_file() and json.loads(previous.read_text()).get("settings") == report["settings"]:
-        report["baselines"] = json.loads(previous.read_text())["baselines"]  # an interrupted run's, same settings
+        # an interrupted run with the same settings: keep what it measured
+        stored = json.loads(previous.read_text())
+        report["baselines"], report["held_out"] = stored["baselines"], stored["held_out"]
     else:
         report["baselines"] = baselines(args, output / "runs")
         previous.write_text(json.dumps(report, indent=2))
     for category in args.categories:
+        if category in report["held_out"]:
+            continue
         report["held_out"][category] = held_out(args, category, output / "runs" / category)
         (output / "new_category.json").write_text(json.dumps(report, indent=2))
     (output / "new_category.md").write_text(markdown(report))
