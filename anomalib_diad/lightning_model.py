@@ -422,7 +422,7 @@ class DiAD(UnifiedModelComponents, AnomalibModule):
 
         was_training = self.model.training
         self.model.eval()
-        scale = self.model.set_latent_scale_from(first_images())
+        scale = self.model.set_latent_scale_from(first_images(), seed=self.hparams.seed)
         logger.info("DiAD latent scale: 1 / std of the training latents = %.5f.", scale)
         self.model.train(was_training)
 

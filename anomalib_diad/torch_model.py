@@ -193,22 +193,35 @@ class DiADModel(nn.Module):
         """Scaled latents ``z_0`` ``[B, 4, h, w]``: the posterior mode, or a sample with ``noise`` (random if None)."""
         return self.unscaled_latents(images, noise, mode) * self.latent_scale
 
-    def unscaled_latents(self, images: torch.Tensor, noise: torch.Tensor | None = None, mode: bool = False) -> torch.Tensor:
-        """Autoencoder latents ``[B, 4, h, w]`` before scaling: the posterior mode, or a sample with ``noise``."""
+    def unscaled_latents(
+        self,
+        images: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        mode: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Autoencoder latents ``[B, 4, h, w]`` before scaling: the posterior mode, or a sample with ``noise``.
+
+        Without ``noise`` the sample's noise is drawn from ``generator`` (a CPU generator), or the global state.
+        """
         distribution = self.autoencoder.encode(images).latent_dist
         if mode:
             return distribution.mean
+        if noise is None and generator is not None:
+            noise = torch.randn(distribution.mean.shape, generator=generator).to(distribution.mean)
         noise = torch.randn_like(distribution.mean) if noise is None else noise
         return distribution.mean + distribution.std * noise
 
     @torch.no_grad()
-    def set_latent_scale_from(self, images: Iterable[torch.Tensor]) -> float:
+    def set_latent_scale_from(self, images: Iterable[torch.Tensor], seed: int = 0) -> float:
         """Set ``latent_scale`` to ``1 / std`` of the latents of ``images`` (batches ``[B, 3, H, W]``), ldm's ``scale_by_std``.
 
-        The latents are posterior samples, as stage 2 trains on; the scaled latents then have unit
-        variance, the scale the noise schedule assumes. Returns the new scale.
+        The latents are posterior samples, as stage 2 trains on, drawn from a generator seeded with
+        ``seed`` (the same on every DDP rank, the global random state untouched); the scaled latents
+        then have unit variance, the scale the noise schedule assumes. Returns the new scale.
         """
-        latents = torch.cat([self.unscaled_latents(batch).flatten() for batch in images])
+        generator = torch.Generator().manual_seed(seed)
+        latents = torch.cat([self.unscaled_latents(batch, generator=generator).flatten() for batch in images])
         if latents.numel() < 2 or not torch.isfinite(latents).all():
             msg = f"Cannot compute the latent scale from {latents.numel()} latent values: give normal training images."
             raise ValueError(msg)
