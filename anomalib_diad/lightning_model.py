@@ -409,7 +409,8 @@ class DiAD(UnifiedModelComponents, AnomalibModule):
         """ldm's ``scale_by_std``: ``latent_scale = 1 / std`` of the latents of up to 256 training images."""
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None or getattr(datamodule, "train_data", None) is None:
-            logger.warning("DiAD: no training data to compute the latent scale; keeping %.5f.", float(self.model.latent_scale))
+            scale = float(self.model.latent_scale)
+            logger.warning("DiAD: no training data to compute the latent scale; keeping %.5f.", scale)
             return
         def first_images() -> Iterator[torch.Tensor]:
             count = 0

@@ -214,7 +214,7 @@ class DiADModel(nn.Module):
 
     @torch.no_grad()
     def set_latent_scale_from(self, images: Iterable[torch.Tensor], seed: int = 0) -> float:
-        """Set ``latent_scale`` to ``1 / std`` of the latents of ``images`` (batches ``[B, 3, H, W]``), ldm's ``scale_by_std``.
+        """Set ``latent_scale`` to ``1 / std`` of the latents of ``images`` (batches ``[B, 3, H, W]``): ``scale_by_std``.
 
         The latents are posterior samples, as stage 2 trains on, drawn from a generator seeded with
         ``seed`` (the same on every DDP rank, the global random state untouched); the scaled latents
@@ -281,7 +281,7 @@ class DiADModel(nn.Module):
         return AutoencoderOutput(reconstruction, distribution.kl(), perceptual)
 
     def diffusion_training_forward(self, images: torch.Tensor) -> DiffusionOutput:
-        """Noise the latents (posterior samples) of ``images`` to ``t ~ U{0, ..., max_train_timestep}``, predict the noise."""
+        """Noise the latents (posterior samples) of ``images`` to ``t ~ U{0, ..., max_train_timestep}``; predict it."""
         with torch.no_grad():
             latents = self.encode(images)
         noise = torch.randn_like(latents)

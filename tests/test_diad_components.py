@@ -161,13 +161,23 @@ def test_from_scratch_defaults_train_the_whole_unet_on_the_inference_timesteps(m
     """Without diffusion weights: whole UNet trained, t <= t_s, truncated schedule; with them the official setup."""
     scratch = DiAD(**TINY, diffusion_weights=None, pre_trained=False).model
     assert all(parameter.requires_grad for parameter in scratch.unet.parameters())
-    assert (scratch.sampler.schedule, scratch.sampler.noise_timestep, scratch.max_train_timestep) == ("truncated", 300, 300)
+    assert (scratch.sampler.schedule, scratch.sampler.noise_timestep, scratch.max_train_timestep) == (
+        "truncated",
+        300,
+        300,
+    )
     assert scratch.posterior == "mode"
     official = DiAD(**TINY, diffusion_weights="some/sd15", pre_trained=False).model
     assert not any(parameter.requires_grad for parameter in official.unet.down_blocks.parameters())
-    assert (official.sampler.schedule, official.sampler.noise_timestep, official.max_train_timestep) == ("official", 999, 999)
+    assert (official.sampler.schedule, official.sampler.noise_timestep, official.max_train_timestep) == (
+        "official",
+        999,
+        999,
+    )
     drawn = []
-    monkeypatch.setattr(scratch.sampler, "add_noise", lambda latents, noise, timesteps: drawn.append(timesteps) or latents)
+    monkeypatch.setattr(
+        scratch.sampler, "add_noise", lambda latents, noise, timesteps: drawn.append(timesteps) or latents
+    )
     scratch.train()
     for _ in range(20):
         scratch.diffusion_training_forward(torch.randn(4, 3, 128, 128))
@@ -356,7 +366,8 @@ def test_stage_two_takes_the_latent_scale_of_stage_one(tmp_path) -> None:
     stage1 = DiAD(**TINY, stage="autoencoder", diffusion_weights=None, pre_trained=False)
     stage1.model.set_latent_scale_from([torch.randn(2, 3, 128, 128)])
     torch.save({"state_dict": stage1.state_dict()}, tmp_path / "stage1.ckpt")
-    stage2 = DiAD(**TINY, diffusion_weights=None, pre_trained=False, autoencoder_checkpoint=str(tmp_path / "stage1.ckpt"))
+    checkpoint = str(tmp_path / "stage1.ckpt")
+    stage2 = DiAD(**TINY, diffusion_weights=None, pre_trained=False, autoencoder_checkpoint=checkpoint)
     stage2.on_fit_start()
     assert stage2.model.latent_scale.item() == stage1.model.latent_scale.item() != pytest.approx(0.18215)
     torch.testing.assert_close(stage2.model.autoencoder.state_dict(), stage1.model.autoencoder.state_dict())

@@ -51,8 +51,9 @@ class DDIMSampler(nn.Module):
             msg = f"Unknown ddim_schedule '{schedule}'. Choose 'official' (paper) or 'truncated'."
             raise ValueError(msg)
         if schedule == "official" and noise_timestep != OFFICIAL_NOISE_TIMESTEP:
+            first_step = (num_steps - 1) * (NUM_TRAIN_TIMESTEPS // num_steps) + 1
             msg = (
-                f"ddim_schedule 'official' always steps from {(num_steps - 1) * (NUM_TRAIN_TIMESTEPS // num_steps) + 1} "
+                f"ddim_schedule 'official' always steps from {first_step} "
                 f"and so only fits noise_timestep {OFFICIAL_NOISE_TIMESTEP}, got {noise_timestep}: set ddim_schedule "
                 "'truncated' to start the reverse process at noise_timestep."
             )

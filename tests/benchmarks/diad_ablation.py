@@ -51,7 +51,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True, help="a trained DiAD stage-2 checkpoint")
     parser.add_argument("--root", required=True)
     parser.add_argument("--categories", nargs="+", required=True)
-    parser.add_argument("--variants", nargs="+", default=['{"name": "as trained"}'], help="JSON objects, one per variant")
+    parser.add_argument("--variants", nargs="+", default=['{"name": "as trained"}'],
+                        help="JSON objects, one per variant")
     parser.add_argument("--output", default="diad_ablation")
     args = parser.parse_args()
     output = Path(args.output)

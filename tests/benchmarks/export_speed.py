@@ -96,9 +96,9 @@ def main() -> None:
     output = args.output or Path(tempfile.mkdtemp(prefix="export_speed_"))
     engine = Engine(accelerator="cpu", default_root_dir=output, enable_progress_bar=False)
     paths, export_s = {}, {}
-    for name, export_type in (("torch", ExportType.TORCH), ("onnx", ExportType.ONNX), ("openvino", ExportType.OPENVINO)):
+    for name in ("torch", "onnx", "openvino"):
         start = time.perf_counter()
-        paths[name] = engine.export(model, export_type, export_root=output / name)
+        paths[name] = engine.export(model, ExportType(name), export_root=output / name)
         export_s[name] = round(time.perf_counter() - start, 1)
     print(f"export seconds: {export_s}")
     sizes = {
