@@ -5,7 +5,9 @@ Hugging Face diffusers. An image is encoded by a pixel-space autoencoder, its la
 almost completely (t = 999) and denoised in 10 DDIM steps by a Stable Diffusion UNet that a
 Semantic-Guided (SG) network, fed the image itself, steers through the middle block and the
 three deepest skips; the reconstruction is compared with the image in the feature space of a
-frozen CNN.
+frozen CNN. Without Stable Diffusion weights (``diffusion_weights=None``) every part trains from
+scratch, with the from-scratch defaults (``FROM_SCRATCH_DEFAULTS``): noise to t = 300, five DDIM
+steps below it, the whole UNet trained on t <= 300, the latent scale measured in stage 1.
 
 Training has two stages, both run with ``anomalib train``:
 
