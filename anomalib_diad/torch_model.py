@@ -7,7 +7,7 @@ ImageNet normalisation); latents ``[B, 4, H/8, W/8]``; text context ``[B, L, D]`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -64,12 +64,19 @@ class DiADModel(nn.Module):
         backbone, layers: frozen timm CNN of the anomaly map (paper: resnet50, layer1-3).
         sff_init, use_sff, inject_levels: see :class:`SemanticGuidedNetwork`.
         train_unet_decoder: train the UNet's up blocks and output layers (paper: True).
-        ddim_steps, noise_timestep: see :class:`DDIMSampler` (paper: 10, 999).
+        train_unet_encoder: also train the UNet's time embedding, ``conv_in``, down blocks and middle
+            block (paper: False, they keep Stable Diffusion's weights; True from scratch, where they
+            would otherwise stay random).
+        ddim_steps, noise_timestep, ddim_schedule: see :class:`DDIMSampler` (paper: 10, 999, "official").
+        max_train_timestep: stage-2 training draws ``t ~ U{0, ..., max_train_timestep}`` (paper: 999);
+            from scratch, training on the timesteps that inference visits (up to ``noise_timestep``).
         guidance_scale: classifier-free guidance with the same empty prompt and hint as the
             conditional branch; the official 9.0 is mathematically a no-op that doubles compute,
             so the default 1.0 skips it.
-        posterior: latent of an image: ``"sample"`` (paper) or ``"mode"`` of the autoencoder posterior.
-        sigma, score_pool_size, score_pool_repeats: see :class:`FeatureDistanceAnomalyMap`.
+        posterior: latent of an image at evaluation: ``"sample"`` (paper) or ``"mode"`` of the autoencoder
+            posterior; training always draws a sample (as the paper).
+        sigma, score_pool_size, score_pool_repeats: see :class:`FeatureDistanceAnomalyMap` (None: the
+            paper's 5 and 8 at 256 px, scaled with the input size).
         normalize_per_category: standardise map and score with the score statistics of each
             category's normal training images (:class:`~anomalib_multiclass.score_statistics.CategoryScoreStatistics`); False returns the raw map.
         seed: seed of the fixed evaluation noise (posterior sample and ``x_T``), so an image
@@ -87,12 +94,15 @@ class DiADModel(nn.Module):
         use_sff: bool = True,
         inject_levels: str = "deepest",
         train_unet_decoder: bool = True,
+        train_unet_encoder: bool = False,
         ddim_steps: int = 10,
         noise_timestep: int = 999,
+        ddim_schedule: str = "official",
+        max_train_timestep: int = NUM_TRAIN_TIMESTEPS - 1,
         guidance_scale: float = 1.0,
         posterior: str = "sample",
-        sigma: float = 5.0,
-        score_pool_size: int = 8,
+        sigma: float | None = None,
+        score_pool_size: int | None = None,
         score_pool_repeats: int = 8,
         normalize_per_category: bool = True,
         seed: int = 0,
@@ -107,6 +117,9 @@ class DiADModel(nn.Module):
             raise ValueError(msg)
         if stage not in STAGES:
             msg = f"Unknown stage '{stage}'. Choose 'autoencoder' (stage 1) or 'diffusion' (stage 2)."
+            raise ValueError(msg)
+        if not 0 <= max_train_timestep < NUM_TRAIN_TIMESTEPS:
+            msg = f"max_train_timestep must be in [0, {NUM_TRAIN_TIMESTEPS - 1}], got {max_train_timestep}."
             raise ValueError(msg)
         if posterior not in POSTERIORS:
             msg = f"Unknown posterior '{posterior}'. Choose 'sample' (paper) or 'mode'."
@@ -123,7 +136,7 @@ class DiADModel(nn.Module):
             use_sff=use_sff,
             inject_levels=inject_levels,
         )
-        self.sampler = DDIMSampler(ddim_steps, noise_timestep)
+        self.sampler = DDIMSampler(ddim_steps, noise_timestep, ddim_schedule)
         self.anomaly_map = FeatureDistanceAnomalyMap(
             backbone, layers, self.input_size, sigma, score_pool_size, score_pool_repeats
         )
@@ -134,14 +147,18 @@ class DiADModel(nn.Module):
         self.register_buffer("context", torch.randn(context_shape, generator=generator))
         latent_shape = (2, self.autoencoder.config.latent_channels, height // LATENT_STRIDE, width // LATENT_STRIDE)
         self.register_buffer("evaluation_noise", torch.randn(latent_shape, generator=generator), persistent=False)
+        # Latent scaling factor: SD's 0.18215 until stage 1 measures it (``1 / std`` of the training latents).
+        self.register_buffer("latent_scale", torch.tensor(float(self.autoencoder.config.scaling_factor)))
         self.train_unet_decoder = train_unet_decoder
+        self.train_unet_encoder = train_unet_encoder
+        self.max_train_timestep = max_train_timestep
         self.guidance_scale = guidance_scale
         self.posterior = posterior
         self.normalize_per_category = normalize_per_category
         self.set_stage(stage)
 
     def set_stage(self, stage: str) -> None:
-        """Freeze everything but the stage's trained parts: the autoencoder (stage 1) or SG network + UNet decoder."""
+        """Freeze everything but the stage's trained parts: the autoencoder (stage 1) or SG network + UNet parts."""
         self.stage = stage
         self.requires_grad_(False)
         if stage == "autoencoder":
@@ -153,17 +170,15 @@ class DiADModel(nn.Module):
         if self.train_unet_decoder:
             for part in (self.unet.up_blocks, self.unet.conv_norm_out, self.unet.conv_out):
                 part.requires_grad_(True)
+        if self.train_unet_encoder:
+            for part in (self.unet.conv_in, self.unet.time_embedding, self.unet.down_blocks, self.unet.mid_block):
+                part.requires_grad_(True)
 
     def train(self, mode: bool = True) -> DiADModel:
         """Set the training mode; the scoring backbone always stays in eval mode (frozen batch norm)."""
         super().train(mode)
         self.anomaly_map.eval()
         return self
-
-    @property
-    def latent_scale(self) -> float:
-        """The autoencoder's latent scaling factor (SD: 0.18215)."""
-        return float(self.autoencoder.config.scaling_factor)
 
     def check_images(self, images: torch.Tensor) -> None:
         """Raise a ValueError naming the expected shape if ``images`` is not ``[B, 3, H, W]`` at ``input_size``."""
@@ -174,15 +189,44 @@ class DiADModel(nn.Module):
             )
             raise ValueError(msg)
 
-    def encode(self, images: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, noise: torch.Tensor | None = None, mode: bool = False) -> torch.Tensor:
         """Scaled latents ``z_0`` ``[B, 4, h, w]``: the posterior mode, or a sample with ``noise`` (random if None)."""
+        return self.unscaled_latents(images, noise, mode) * self.latent_scale
+
+    def unscaled_latents(
+        self,
+        images: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        mode: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Autoencoder latents ``[B, 4, h, w]`` before scaling: the posterior mode, or a sample with ``noise``.
+
+        Without ``noise`` the sample's noise is drawn from ``generator`` (a CPU generator), or the global state.
+        """
         distribution = self.autoencoder.encode(images).latent_dist
-        if self.posterior == "mode":
-            latents = distribution.mean
-        else:
-            noise = torch.randn_like(distribution.mean) if noise is None else noise
-            latents = distribution.mean + distribution.std * noise
-        return latents * self.latent_scale
+        if mode:
+            return distribution.mean
+        if noise is None and generator is not None:
+            noise = torch.randn(distribution.mean.shape, generator=generator).to(distribution.mean)
+        noise = torch.randn_like(distribution.mean) if noise is None else noise
+        return distribution.mean + distribution.std * noise
+
+    @torch.no_grad()
+    def set_latent_scale_from(self, images: Iterable[torch.Tensor], seed: int = 0) -> float:
+        """Set ``latent_scale`` to ``1 / std`` of the latents of ``images`` (batches ``[B, 3, H, W]``): ``scale_by_std``.
+
+        The latents are posterior samples, as stage 2 trains on, drawn from a generator seeded with
+        ``seed`` (the same on every DDP rank, the global random state untouched); the scaled latents
+        then have unit variance, the scale the noise schedule assumes. Returns the new scale.
+        """
+        generator = torch.Generator().manual_seed(seed)
+        latents = torch.cat([self.unscaled_latents(batch, generator=generator).flatten() for batch in images])
+        if latents.numel() < 2 or not torch.isfinite(latents).all():
+            msg = f"Cannot compute the latent scale from {latents.numel()} latent values: give normal training images."
+            raise ValueError(msg)
+        self.latent_scale.fill_(1.0 / latents.std().item())
+        return float(self.latent_scale)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` from scaled latents ``[B, 4, h, w]``."""
@@ -237,22 +281,22 @@ class DiADModel(nn.Module):
         return AutoencoderOutput(reconstruction, distribution.kl(), perceptual)
 
     def diffusion_training_forward(self, images: torch.Tensor) -> DiffusionOutput:
-        """Noise the latents of ``images`` to ``t ~ U{0, ..., 999}`` and predict the noise."""
+        """Noise the latents (posterior samples) of ``images`` to ``t ~ U{0, ..., max_train_timestep}``; predict it."""
         with torch.no_grad():
             latents = self.encode(images)
         noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, NUM_TRAIN_TIMESTEPS, (latents.shape[0],), device=latents.device)
+        timesteps = torch.randint(0, self.max_train_timestep + 1, (latents.shape[0],), device=latents.device)
         noisy_latents = self.sampler.add_noise(latents, noise, timesteps)
         return DiffusionOutput(self.predict_noise(noisy_latents, timesteps, images), noise)
 
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         """Reconstruction ``[B, 3, H, W]`` with the fixed evaluation noise.
 
-        Stage 2: ``x_hat = D(DDIM(noise(E(x), 999), hint x))``; stage 1: ``x_hat = D(E(x))``.
+        Stage 2: ``x_hat = D(DDIM(noise(E(x), t_s), hint x))``; stage 1: ``x_hat = D(E(x))``.
         """
         batch_size = images.shape[0]
         posterior_noise, start_noise = (noise.expand(batch_size, -1, -1, -1) for noise in self.evaluation_noise)
-        latents = self.encode(images, posterior_noise)
+        latents = self.encode(images, posterior_noise, mode=self.posterior == "mode")
         if self.stage == "autoencoder":
             return self.decode(latents)
         start = self.sampler.noise_to_start(latents, start_noise)

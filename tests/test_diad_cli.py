@@ -195,6 +195,19 @@ def test_exported_diad_matches_pytorch_on_real_images(diad_exports: dict, real_a
         assert_parity(expected, run_exported(diad_exports["openvino"], image), map_tolerance=1e-3)
 
 
+def test_onnx_export_holds_each_weight_once(diad_exports: dict) -> None:
+    """The unrolled DDIM loop reuses the weights: ONNX holds them once, and no per-node debug strings."""
+    import onnx
+
+    model = onnx.load(str(diad_exports["onnx"]), load_external_data=False)
+    assert not any(node.metadata_props for node in model.graph.node)
+    weights = diad_exports["model"].state_dict()
+    weight_bytes = sum(value.numel() * value.element_size() for value in weights.values())
+    onnx_bytes = sum(path.stat().st_size for path in diad_exports["onnx"].parent.iterdir())
+    assert onnx_bytes < 1.2 * weight_bytes, (onnx_bytes, weight_bytes)
+    assert len(model.graph.initializer) <= len(weights) + 16  # + the pre- and post-processing constants
+
+
 def test_torch_export_of_diad_holds_the_whole_model(diad_exports: dict) -> None:
     exported = torch.load(diad_exports["torch"], map_location="cpu", weights_only=False)["model"].eval()
     images = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(3))

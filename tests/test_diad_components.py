@@ -55,6 +55,39 @@ def test_sampler_agrees_with_a_plain_diffusers_ddim_loop(tiny_model: DiADModel) 
     assert not torch.allclose(ours, latents, atol=1e-2), "the loop must actually change the latent"
 
 
+def test_truncated_schedule_starts_at_the_noise_timestep() -> None:
+    """Steps at or below t_s only, the first update at t_s's noise level: an exact noise oracle recovers the latent."""
+    sampler = DDIMSampler(num_steps=5, noise_timestep=300, schedule="truncated")
+    assert sampler.timesteps.tolist() == [300, 240, 180, 120, 60]
+    assert sampler.alphas[0] == sampler.alphas_cumprod[300]
+    torch.testing.assert_close(sampler.alphas_previous[:-1], sampler.alphas[1:])
+    assert sampler.alphas_previous[-1] == sampler.alphas_cumprod[0]
+    latents, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+
+    def recovered(sampler: DDIMSampler) -> torch.Tensor:
+        return sampler.sample(sampler.noise_to_start(latents, noise), lambda noisy, timesteps: noise)
+
+    final = sampler.alphas_cumprod[0]
+    expected = final.sqrt() * latents + (1 - final).sqrt() * noise
+    torch.testing.assert_close(recovered(sampler), expected)
+    torch.testing.assert_close(recovered(DDIMSampler(10, 999, "truncated")), expected)
+    official = recovered(DDIMSampler(10, 999, "official"))  # noised to 999, first update assumes 901
+    assert (official - expected).abs().max() > 0.1
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ((10, 300, "official"), "ddim_schedule 'official' always steps from 901 and so only fits noise_timestep 999"),
+        ((10, 5, "truncated"), "ddim_steps 10 do not fit below noise_timestep 5"),
+        ((10, 999, "img2img"), "Unknown ddim_schedule 'img2img'"),
+    ],
+)
+def test_inconsistent_schedules_are_refused(arguments: tuple, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        DDIMSampler(*arguments)
+
+
 def test_training_noise_matches_the_scheduler() -> None:
     sampler, scheduler = DDIMSampler(), build_ddim_scheduler()
     latents, noise, timesteps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.tensor([0, 500, 999])
@@ -124,6 +157,34 @@ def test_only_the_deepest_skips_get_residuals() -> None:
     assert all(residual.any() for residual in residuals[9:])
 
 
+def test_from_scratch_defaults_train_the_whole_unet_on_the_inference_timesteps(monkeypatch) -> None:
+    """Without diffusion weights: whole UNet trained, t <= t_s, truncated schedule; with them the official setup."""
+    scratch = DiAD(**TINY, diffusion_weights=None, pre_trained=False).model
+    assert all(parameter.requires_grad for parameter in scratch.unet.parameters())
+    assert (scratch.sampler.schedule, scratch.sampler.noise_timestep, scratch.max_train_timestep) == (
+        "truncated",
+        300,
+        300,
+    )
+    assert scratch.posterior == "mode"
+    official = DiAD(**TINY, diffusion_weights="some/sd15", pre_trained=False).model
+    assert not any(parameter.requires_grad for parameter in official.unet.down_blocks.parameters())
+    assert (official.sampler.schedule, official.sampler.noise_timestep, official.max_train_timestep) == (
+        "official",
+        999,
+        999,
+    )
+    drawn = []
+    monkeypatch.setattr(
+        scratch.sampler, "add_noise", lambda latents, noise, timesteps: drawn.append(timesteps) or latents
+    )
+    scratch.train()
+    for _ in range(20):
+        scratch.diffusion_training_forward(torch.randn(4, 3, 128, 128))
+    drawn = torch.cat(drawn)
+    assert drawn.max() <= 300 and drawn.min() >= 0 and len(drawn.unique()) > 40
+
+
 def test_trainable_parameters_per_stage() -> None:
     model = DiADModel(**TINY)
     trainable = {
@@ -140,8 +201,48 @@ def test_trainable_parameters_per_stage() -> None:
     assert {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad} == {"autoencoder"}
 
 
+def test_map_constants_scale_with_the_input_size() -> None:
+    from anomalib_diad.components.anomaly_map import scaled_map_constants
+
+    assert scaled_map_constants((256, 256)) == (5.0, 8)
+    assert scaled_map_constants((128, 192)) == (2.5, 4)
+    assert scaled_map_constants((512, 512)) == (10.0, 16)
+    scorer = FeatureDistanceAnomalyMap("resnet18", ["layer1"], (128, 128))
+    assert (scorer.sigma, scorer.score_pool_size, scorer.blur.kernel.shape[-1]) == (2.5, 4, 21)
+
+
+def test_latent_scale_is_one_over_the_latent_std_and_used_by_encode() -> None:
+    torch.manual_seed(0)
+    model = DiADModel(**TINY).eval()
+    assert model.latent_scale.item() == pytest.approx(0.18215)
+    images = [torch.randn(4, 3, 128, 128), torch.randn(2, 3, 128, 128)]
+    scale = model.set_latent_scale_from(images)
+    noise = torch.randn(6, 4, 16, 16)
+    with torch.no_grad():
+        unscaled = model.unscaled_latents(torch.cat(images), noise)
+        scaled = model.encode(torch.cat(images), noise)
+    assert scale != pytest.approx(0.18215, rel=0.05)
+    assert model.state_dict()["latent_scale"].item() == pytest.approx(scale)
+    torch.testing.assert_close(scaled, unscaled * scale)
+    assert scaled.std().item() == pytest.approx(1.0, rel=0.05)  # posterior samples, as stage 2 trains on
+
+
+def test_posterior_mode_ignores_the_evaluation_noise() -> None:
+    images = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(5))
+    for posterior, changes in (("mode", False), ("sample", True)):
+        torch.manual_seed(0)
+        model = DiADModel(**TINY, stage="autoencoder", posterior=posterior).eval()
+        with torch.no_grad():
+            before = model.reconstruct(images)
+            model.evaluation_noise[0].normal_()
+            after = model.reconstruct(images)
+        assert (not torch.allclose(before, after)) == changes, posterior
+
+
 def test_image_score_and_gaussian_kernel() -> None:
-    scorer = FeatureDistanceAnomalyMap("resnet18", ["layer1", "layer2", "layer3"], (128, 128), sigma=5.0)
+    scorer = FeatureDistanceAnomalyMap(
+        "resnet18", ["layer1", "layer2", "layer3"], (128, 128), sigma=5.0, score_pool_size=8
+    )
     assert scorer.blur.kernel.shape[-1] == 41
     anomaly_map = torch.zeros(2, 1, 128, 128)
     anomaly_map[1, :, 40:104, 40:104] = 1.0  # a 64x64 square: fully covers the 57x57 receptive field of 8 poolings
@@ -182,6 +283,7 @@ def test_guidance_with_identical_branches_is_a_no_op(tiny_model: DiADModel) -> N
         ({"stage": "both"}, "Unknown stage 'both'"),
         ({"posterior": "mean"}, "Unknown posterior 'mean'"),
         ({"ddim_steps": 0}, "ddim_steps must be in"),
+        ({"max_train_timestep": 1000}, "max_train_timestep must be in"),
     ],
 )
 def test_bad_arguments_are_named(overrides: dict, message: str) -> None:
@@ -258,6 +360,17 @@ def test_eval_path_exports_with_torch_export() -> None:
         expected, actual = model(images), exported.module()(images)
     torch.testing.assert_close(actual.pred_score, expected.pred_score)
     torch.testing.assert_close(actual.anomaly_map, expected.anomaly_map)
+
+
+def test_stage_two_takes_the_latent_scale_of_stage_one(tmp_path) -> None:
+    stage1 = DiAD(**TINY, stage="autoencoder", diffusion_weights=None, pre_trained=False)
+    stage1.model.set_latent_scale_from([torch.randn(2, 3, 128, 128)])
+    torch.save({"state_dict": stage1.state_dict()}, tmp_path / "stage1.ckpt")
+    checkpoint = str(tmp_path / "stage1.ckpt")
+    stage2 = DiAD(**TINY, diffusion_weights=None, pre_trained=False, autoencoder_checkpoint=checkpoint)
+    stage2.on_fit_start()
+    assert stage2.model.latent_scale.item() == stage1.model.latent_scale.item() != pytest.approx(0.18215)
+    torch.testing.assert_close(stage2.model.autoencoder.state_dict(), stage1.model.autoencoder.state_dict())
 
 
 def test_unusable_autoencoder_checkpoints_are_named(tmp_path) -> None:

@@ -34,6 +34,14 @@ def test_config_builds(path: Path, tiny_dataset: Path) -> None:
         assert init_args["input_size"] == [256, 256]
     model = _class(config["model"])(**{**init_args, "architecture": "tiny", "pre_trained": False})
     assert model.model.input_size == tuple(init_args["input_size"])
+    sampler = model.model.sampler
+    if init_args["architecture"] == "sd15":  # the official schedule and frozen UNet encoder
+        assert (sampler.noise_timestep, sampler.timesteps.tolist()) == (999, [901 - 100 * k for k in range(10)])
+        assert model.model.max_train_timestep == 999
+        assert not model.model.train_unet_encoder and not model.scale_by_std
+    else:  # from scratch: the truncated schedule, trained on the timesteps it visits, the whole UNet trains
+        assert sampler.timesteps[0] == sampler.noise_timestep == model.model.max_train_timestep < 999
+        assert model.model.train_unet_encoder and model.scale_by_std
     data_args = config["data"]["init_args"]
     overrides = {"root": tiny_dataset, "categories": "all"} if data_args["dataset"] == "folder" else {}
     datamodule = _class(config["data"])(**{**data_args, **overrides})

@@ -12,6 +12,21 @@ from torch.nn import functional as F
 from anomalib_multiclass.backbone import build_feature_extractor
 
 
+# The paper's map constants hold at 256 px; other sizes scale them with the shorter side.
+PAPER_INPUT_SIZE = 256
+PAPER_SIGMA = 5.0
+PAPER_SCORE_POOL_SIZE = 8
+
+
+def scaled_map_constants(input_size: Sequence[int]) -> tuple[float, int]:
+    """Gaussian sigma and score pooling size for an input ``(H, W)``: the paper's 5 and 8 at 256 px, scaled linearly.
+
+    Example: 128 px gives ``(2.5, 4)``, 512 px ``(10.0, 16)``.
+    """
+    ratio = min(int(size) for size in input_size) / PAPER_INPUT_SIZE
+    return PAPER_SIGMA * ratio, max(1, round(PAPER_SCORE_POOL_SIZE * ratio))
+
+
 class FeatureDistanceAnomalyMap(nn.Module):
     """``A = blur_sigma(sum_l up(1 - cos(phi_l(x), phi_l(x_hat))))``, score = max after repeated average pooling.
 
@@ -19,9 +34,11 @@ class FeatureDistanceAnomalyMap(nn.Module):
         backbone: frozen timm CNN ``phi`` (paper: ``resnet50``, timm's default weights).
         layers: its feature levels (paper: layer1, layer2, layer3).
         input_size: image size ``(H, W)`` of the map.
-        sigma: Gaussian smoothing (paper code: 5, a 41x41 kernel).
+        sigma: Gaussian smoothing (paper code: 5 at 256 px, a 41x41 kernel); None scales the paper's
+            value with the input size (:func:`scaled_map_constants`); 0 disables it.
         score_pool_size, score_pool_repeats: the image score is the maximum of the map after
-            ``score_pool_repeats`` successive ``score_pool_size`` average poolings, stride 1 (paper: 8, 8).
+            ``score_pool_repeats`` successive ``score_pool_size`` average poolings, stride 1 (paper: 8, 8
+            at 256 px); a None size scales the paper's 8 with the input size.
     """
 
     def __init__(
@@ -29,13 +46,17 @@ class FeatureDistanceAnomalyMap(nn.Module):
         backbone: str = "resnet50",
         layers: Sequence[int | str] = ("layer1", "layer2", "layer3"),
         input_size: tuple[int, int] = (256, 256),
-        sigma: float = 5.0,
-        score_pool_size: int = 8,
+        sigma: float | None = None,
+        score_pool_size: int | None = None,
         score_pool_repeats: int = 8,
     ) -> None:
         super().__init__()
         self.feature_extractor = build_feature_extractor(backbone, layers).requires_grad_(False)
         self.input_size = tuple(input_size)
+        scaled_sigma, scaled_pool_size = scaled_map_constants(self.input_size)
+        sigma = scaled_sigma if sigma is None else sigma
+        score_pool_size = scaled_pool_size if score_pool_size is None else score_pool_size
+        self.sigma = sigma
         self.blur = GaussianBlur2d(sigma=sigma, channels=1) if sigma > 0 else nn.Identity()
         if score_pool_repeats * (score_pool_size - 1) >= min(self.input_size):
             msg = (

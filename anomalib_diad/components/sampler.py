@@ -1,10 +1,19 @@
 """DiAD's noising and deterministic DDIM sampler as fixed tensors: pure torch, exportable, no host syncs.
 
-The schedule comes from diffusers' ``DDIMScheduler`` configured as ldm (see
-:func:`~anomalib_diad.components.diffusers_models.build_ddim_scheduler`); its per-step constants
+The noise schedule comes from diffusers' ``DDIMScheduler`` configured as ldm (see
+:func:`~anomalib_diad.components.diffusers_models.build_ddim_scheduler`); the per-step constants
 are copied into buffers once, so the sampling loop has a fixed length and indexes buffers with
-Python integers only (torch.export and ONNX friendly). ``DDIMScheduler.step`` with ``eta=0``
-gives the same update (checked in the tests).
+Python integers only (torch.export and ONNX friendly). With the official schedule,
+``DDIMScheduler.step`` with ``eta=0`` gives the same update (checked in the tests).
+
+Two step schedules (``schedule``):
+
+* ``"official"``: ldm's ``uniform`` DDIM steps over the whole chain (10 steps: 901, 801, ..., 1),
+  whatever the start. The official code noises to t = 999 but its first update assumes t = 901
+  (its truncation line is commented out); reproduced as is, so it needs ``noise_timestep=999``.
+* ``"truncated"``: an img2img-like start: ``num_steps`` evenly spaced timesteps from
+  ``noise_timestep`` down (``t_s, ..., t_s / num_steps``, rounded), the first update using the
+  noise level of ``t_s``, the last one ending at ``alpha_cumprod[0]`` as ldm's final step.
 """
 
 from __future__ import annotations
@@ -16,17 +25,21 @@ from torch import nn
 
 from anomalib_diad.components.diffusers_models import NUM_TRAIN_TIMESTEPS, build_ddim_scheduler
 
+SCHEDULES = ("official", "truncated")
+OFFICIAL_NOISE_TIMESTEP = NUM_TRAIN_TIMESTEPS - 1
+
 
 class DDIMSampler(nn.Module):
     """Noise latents to ``noise_timestep`` and denoise them with ``num_steps`` DDIM steps (eta = 0).
 
     Args:
-        num_steps: DDIM steps (paper: 10, timesteps 901, 801, ..., 1).
-        noise_timestep: timestep of the noised start latent (paper: 999, although the first DDIM
-            update assumes 901; reproduced as the official code).
+        num_steps: DDIM steps (paper: 10).
+        noise_timestep: timestep ``t_s`` of the noised start latent (paper: 999).
+        schedule: ``"official"`` (paper: 901, 801, ..., 1 whatever the start) or ``"truncated"``
+            (steps at or below ``t_s`` only, starting at ``t_s``); see the module docstring.
     """
 
-    def __init__(self, num_steps: int = 10, noise_timestep: int = 999) -> None:
+    def __init__(self, num_steps: int = 10, noise_timestep: int = 999, schedule: str = "official") -> None:
         super().__init__()
         if not 1 <= num_steps <= NUM_TRAIN_TIMESTEPS:
             msg = f"ddim_steps must be in [1, {NUM_TRAIN_TIMESTEPS}], got {num_steps}."
@@ -34,15 +47,37 @@ class DDIMSampler(nn.Module):
         if not 0 <= noise_timestep < NUM_TRAIN_TIMESTEPS:
             msg = f"noise_timestep must be in [0, {NUM_TRAIN_TIMESTEPS - 1}], got {noise_timestep}."
             raise ValueError(msg)
+        if schedule not in SCHEDULES:
+            msg = f"Unknown ddim_schedule '{schedule}'. Choose 'official' (paper) or 'truncated'."
+            raise ValueError(msg)
+        if schedule == "official" and noise_timestep != OFFICIAL_NOISE_TIMESTEP:
+            first_step = (num_steps - 1) * (NUM_TRAIN_TIMESTEPS // num_steps) + 1
+            msg = (
+                f"ddim_schedule 'official' always steps from {first_step} "
+                f"and so only fits noise_timestep {OFFICIAL_NOISE_TIMESTEP}, got {noise_timestep}: set ddim_schedule "
+                "'truncated' to start the reverse process at noise_timestep."
+            )
+            raise ValueError(msg)
+        if schedule == "truncated" and num_steps > noise_timestep:
+            msg = (
+                f"ddim_steps {num_steps} do not fit below noise_timestep {noise_timestep} (one timestep each): "
+                f"use at most {noise_timestep} steps or a later noise_timestep."
+            )
+            raise ValueError(msg)
         scheduler = build_ddim_scheduler()
-        scheduler.set_timesteps(num_steps)
         alphas_cumprod = scheduler.alphas_cumprod.double()
-        timesteps = scheduler.timesteps.long()
-        previous = timesteps - NUM_TRAIN_TIMESTEPS // num_steps
+        if schedule == "official":
+            scheduler.set_timesteps(num_steps)
+            timesteps = scheduler.timesteps.long()
+            previous = timesteps - NUM_TRAIN_TIMESTEPS // num_steps
+        else:
+            spaced = torch.linspace(noise_timestep, 0, num_steps + 1, dtype=torch.float64).round().long()
+            timesteps, previous = spaced[:-1], spaced[1:]
         final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float64)
         alphas_previous = torch.where(previous >= 0, alphas_cumprod[previous.clamp_min(0)], final)
         self.num_steps = num_steps
         self.noise_timestep = noise_timestep
+        self.schedule = schedule
         self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
         self.register_buffer("timesteps", timesteps, persistent=False)
         self.register_buffer("alphas", alphas_cumprod[timesteps].float(), persistent=False)

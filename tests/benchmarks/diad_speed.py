@@ -26,6 +26,8 @@ def main() -> None:
     parser.add_argument("--layers", nargs="+", default=["1", "2", "3"])
     parser.add_argument("--input-size", type=int, default=256)
     parser.add_argument("--ddim-steps", type=int, default=10)
+    parser.add_argument("--train-unet-encoder", action="store_true",
+                        help="train the whole UNet (the from-scratch setting) instead of its decoder only")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--train-batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
@@ -38,11 +40,13 @@ def main() -> None:
         backbone=args.backbone,
         layers=layers,
         ddim_steps=args.ddim_steps,
+        train_unet_encoder=args.train_unet_encoder,
     )
     results = {
         "architecture": args.architecture,
         "input_size": args.input_size,
         "ddim_steps": args.ddim_steps,
+        "train_unet_encoder": args.train_unet_encoder,
         "torch_threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
         "inference_ms_per_image": {},

@@ -18,6 +18,7 @@ import argparse
 import json
 import platform
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -94,11 +95,12 @@ def main() -> None:
     size = model.model.input_size
     output = args.output or Path(tempfile.mkdtemp(prefix="export_speed_"))
     engine = Engine(accelerator="cpu", default_root_dir=output, enable_progress_bar=False)
-    paths = {
-        "torch": engine.export(model, ExportType.TORCH, export_root=output / "torch"),
-        "onnx": engine.export(model, ExportType.ONNX, export_root=output / "onnx"),
-        "openvino": engine.export(model, ExportType.OPENVINO, export_root=output / "openvino"),
-    }
+    paths, export_s = {}, {}
+    for name in ("torch", "onnx", "openvino"):
+        start = time.perf_counter()
+        paths[name] = engine.export(model, ExportType(name), export_root=output / name)
+        export_s[name] = round(time.perf_counter() - start, 1)
+    print(f"export seconds: {export_s}")
     sizes = {
         "torch": folder_size_mb([paths["torch"]]),
         "onnx": folder_size_mb(list(paths["onnx"].parent.iterdir())),
@@ -137,6 +139,7 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
         "openvino_default_precision": str(compiled["openvino_default"].get_property("INFERENCE_PRECISION_HINT")),
         "size_mb": sizes,
+        "export_s": export_s,
         "latency_ms_batch1": {name: round(value, 1) for name, value in latency.items()},
         "speedup_vs_pytorch": {name: round(latency["pytorch"] / value, 2) for name, value in latency.items()},
         "parity": parity,
