@@ -470,12 +470,16 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
 
     @torch.no_grad()
     def _image_features(self, paths: Sequence[Path], chunk_size: int = 16) -> torch.Tensor:
-        """Backbone features ``[n, C, h, w]`` (on the CPU) of image files, pre-processed as in training."""
+        """Backbone features ``[n, C, h, w]`` (on the CPU) of image files, pre-processed as in training.
+
+        Each image is resized on its own, so sizes may differ a little (see :func:`list_normal_images`).
+        """
         self.model.feature_extractor.eval()
         features = []
         for start in range(0, len(paths), chunk_size):
-            images = torch.stack([read_rgb_image(str(path)) for path in paths[start : start + chunk_size]])
-            features.append(self.model.extract_features(self._pre_process(images.to(self.device))).cpu())
+            chunk = paths[start : start + chunk_size]
+            images = torch.cat([self._pre_process(read_rgb_image(str(path)).unsqueeze(0).to(self.device)) for path in chunk])
+            features.append(self.model.extract_features(images).cpu())
         return torch.cat(features)
 
     def _category_prompts(self, features: torch.Tensor) -> torch.Tensor:

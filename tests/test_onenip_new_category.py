@@ -111,7 +111,8 @@ def test_nearest_prompt_serves_the_new_category_and_export_keeps_it(
     assert_parity(torch_outputs(model, inputs), run_exported(Path(exported), inputs), map_tolerance=1e-3)
 
 
-def test_one_image_is_enough_and_replace_is_explicit(two_category_checkpoint: Path, tiny_dataset: Path) -> None:
+def test_one_image_is_enough_and_replace_is_explicit(two_category_checkpoint: Path, tiny_dataset: Path,
+                                                     tmp_path: Path) -> None:
     model = OneNIP.load_from_checkpoint(two_category_checkpoint, map_location="cpu")
     one = sorted((tiny_dataset / NEW / "train" / "good").iterdir())[:1]
     model.add_category(NEW, one)
@@ -120,6 +121,10 @@ def test_one_image_is_enough_and_replace_is_explicit(two_category_checkpoint: Pa
     assert torch.isfinite(scores).all()
     with pytest.raises(ValueError, match="already exists.*replace=True"):
         model.add_category(NEW, one)
+    narrower = tmp_path / "narrower.png"  # crops of slightly varying width (as KolektorSDD's) are accepted
+    Image.open(one[0]).resize((62, 64)).save(narrower)
+    model.add_category(NEW, [one[0], narrower], replace=True)
+    assert model.model.prompt_bank.categories.tolist() == [0, 1, 2]
     tokens = model.model.prompt_bank.tokens.clone()
     model.add_category(NEW, tiny_dataset / NEW / "train" / "good", replace=True)
     assert model.category_names == [*KNOWN, NEW]
