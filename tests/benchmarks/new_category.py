@@ -135,20 +135,20 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    labels = [*map(str, report["settings"]["image_counts"]), "all"]
     for axis, metric in zip(axes, ("image_AUROC", "pixel_AUPRO"), strict=True):
         for index, (category, entry) in enumerate(report["held_out"].items()):
-            counts = [int(count) for count in entry["added"]]
+            values = list(entry["added"].values())  # the image counts in order, "all" last
             color = f"C{index}"
-            axis.plot(counts, [entry["added"][str(count)][metric] for count in counts], "o-", color=color,
+            axis.plot(range(len(values)), [value[metric] for value in values], "o-", color=color,
                       label=f"{category}: added, no training")
+            axis.plot([len(labels) - 1], [entry["adapted"][metric]], "*", markersize=12, color=color,
+                      label=f"{category}: added, {report['settings']['adapt_epochs']} epochs adaptation")
             axis.axhline(report["baselines"]["unified"]["per_category"][category][metric], color=color, linestyle="--",
                          label=f"{category}: unified, trained with it")
             axis.axhline(report["baselines"]["PatchCore"]["per_category"][category][metric], color=color, linestyle=":",
                          label=f"{category}: PatchCore on it alone")
-        axis.set_xscale("log")
-        ticks = sorted({int(count) for entry in report["held_out"].values() for count in entry["added"]})
-        axis.set_xticks(ticks, [str(count) for count in ticks])
-        axis.minorticks_off()
+        axis.set_xticks(range(len(labels)), labels)
         axis.set_xlabel("normal images of the new category")
         axis.set_title(metric)
         axis.set_ylim(0, 1)
