@@ -139,6 +139,7 @@ def test_onenip_ddp_fits_what_one_process_fits(onenip_ddp_run: Path, tiny_datase
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_diad_stages_train_under_ddp_fit_what_one_process_fits_and_export(
     diad_ddp_runs: dict[str, Path], tiny_dataset: Path, tmp_path: Path
 ) -> None:

@@ -86,6 +86,7 @@ def test_prompt_bank_of_100_categories(hundred_category_onenip: OneNIP) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_prompt_bank_of_100_categories_exports(hundred_category_onenip: OneNIP, tmp_path: Path) -> None:
     path = hundred_category_onenip.to_onnx(tmp_path, input_size=None)
     images = np.random.default_rng(2).random((3, 3, 80, 96), dtype=np.float32)

@@ -127,12 +127,14 @@ def test_onenip_killed_mid_epoch_resumes_to_the_same_model_and_metrics(tiny_data
     _resume_check(tmp_path, ONENIP, tiny_dataset, ["brick", "grass", "gravel"], batch_size=4, steps_per_epoch=6)
 
 
+@pytest.mark.long
 def test_two_process_ddp_onenip_killed_mid_epoch_resumes_to_the_same_model(tiny_dataset: Path, tmp_path: Path) -> None:
     """DDP on 2 CPU processes: each rank's shard position and random states continue where the killed run stopped."""
     _resume_check(tmp_path, ONENIP, tiny_dataset, ["brick", "grass", "gravel"], batch_size=4, steps_per_epoch=3,
                   devices=2)
 
 
+@pytest.mark.long
 def test_diad_stage_two_killed_mid_epoch_resumes_to_the_same_model_and_metrics(
     tiny_dataset: Path, tmp_path: Path
 ) -> None:
