@@ -32,7 +32,14 @@ import torch
 from lightning.pytorch import seed_everything
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quality import METRICS, _datamodule, _fit_and_test, _per_category, onenip_model, run_per_category  # noqa: E402
+from quality import (  # noqa: E402
+    _datamodule,
+    _fit_and_test,
+    _per_category,
+    add_data_and_backbone_arguments,
+    onenip_model,
+    run_per_category,
+)
 
 from anomalib_onenip import OneNIP  # noqa: E402
 from anomalib_onenip.new_category import adapt_to_new_category  # noqa: E402
@@ -159,12 +166,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", required=True, help="dataset root in MVTec layout (one folder per category)")
-    parser.add_argument("--categories", nargs="+", required=True)
-    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
-    parser.add_argument("--weights-path", default=None, help="local backbone weights (timm state dict)")
-    parser.add_argument("--input-size", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=8)
+    add_data_and_backbone_arguments(parser)
     parser.add_argument("--epochs", type=int, default=3, help="OneNIP training epochs")
     parser.add_argument("--adapt-epochs", type=int, default=2)
     parser.add_argument("--image-counts", type=int, nargs="+", default=[1, 5, 20])

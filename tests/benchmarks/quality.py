@@ -194,14 +194,19 @@ def plot(report: dict[str, Any], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_data_and_backbone_arguments(parser: argparse.ArgumentParser) -> None:
+    """The data, backbone and batch arguments that this benchmark shares with ``new_category.py``."""
     parser.add_argument("--root", required=True, help="dataset root in MVTec layout (one folder per category)")
     parser.add_argument("--categories", nargs="+", required=True)
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
     parser.add_argument("--weights-path", default=None, help="local backbone weights (timm state dict)")
     parser.add_argument("--input-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_and_backbone_arguments(parser)
     parser.add_argument("--onenip-epochs", type=int, default=3)
     parser.add_argument("--onenip-options", default="{}",
                         help='further OneNIP arguments as JSON, e.g. \'{"refiner_pixel_weight": 1.0}\' (ablations)')
