@@ -19,6 +19,7 @@ peak RSS.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import resource
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 from anomalib.engine import Engine
 from anomalib.models import Padim, Patchcore
-from lightning.pytorch import seed_everything
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from torchmetrics.classification import BinaryAUROC
 
 from anomalib_diad import DiAD
@@ -46,9 +47,10 @@ def _datamodule(args: argparse.Namespace, categories: list[str]) -> MultiClassAD
                         eval_batch_size=16, num_workers=args.num_workers)
 
 
-def _fit_and_test(model: Any, datamodule: MultiClassAD, epochs: int, work: Path) -> tuple[dict[str, float], Engine]:  # noqa: ANN401
+def _fit_and_test(model: Any, datamodule: MultiClassAD, epochs: int, work: Path,  # noqa: ANN401
+                  callbacks: list[Callback] | None = None) -> tuple[dict[str, float], Engine]:
     engine = Engine(max_epochs=epochs, check_val_every_n_epoch=max(epochs, 1), default_root_dir=work,
-                    logger=False)
+                    logger=False, callbacks=callbacks)
     engine.fit(model=model, datamodule=datamodule)
     return engine.test(model=model, datamodule=datamodule)[0], engine
 
@@ -81,14 +83,56 @@ def onenip_model(args: argparse.Namespace) -> OneNIP:
     return OneNIP(backbone=args.backbone, weights_path=args.weights_path, input_size=(args.input_size,) * 2, **options)
 
 
-def run_onenip(args: argparse.Namespace, work: Path) -> dict[str, dict[str, float]]:
-    model = onenip_model(args)
-    datamodule = _datamodule(args, args.categories)
-    results, _ = _fit_and_test(model, datamodule, args.onenip_epochs, work / "onenip")
-    per_category = _per_category(results, args.categories)
+class EpochSnapshots(Callback):
+    """Keep OneNIP's state (prompt bank and calibration rebuilt) and the training wall time at given epochs.
+
+    The learning curve of one run: with a constant learning rate (the CPU configs) the model after epoch ``e`` of
+    a longer run is the model of an ``e``-epoch run with the same seed.
+    """
+
+    def __init__(self, epochs: list[int]) -> None:
+        self.epochs = set(epochs)
+        self.states: dict[int, tuple[dict[str, torch.Tensor], float]] = {}
+        self._start = 0.0
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        del trainer, pl_module
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        if epoch in self.epochs and epoch < trainer.max_epochs:
+            pl_module.build_prompt_bank()
+            self.states[epoch] = (copy.deepcopy(pl_module.state_dict()), time.perf_counter() - self._start)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        del trainer, pl_module
+        self.train_wall_s = time.perf_counter() - self._start
+
+
+def _onenip_rows(model: OneNIP, datamodule: MultiClassAD, results: dict[str, float],
+                 categories: list[str]) -> dict[str, dict[str, float]]:
+    per_category = _per_category(results, categories)
     for category, value in refiner_pixel_auroc(model, datamodule).items():
         per_category[category]["refiner_pixel_AUROC"] = value
     return per_category
+
+
+def run_onenip(args: argparse.Namespace, work: Path) -> dict[str, dict[str, float]]:
+    """One unified OneNIP; with --onenip-curve-epochs also its rows after those epochs of the same run."""
+    model = onenip_model(args)
+    datamodule = _datamodule(args, args.categories)
+    snapshots = EpochSnapshots(args.onenip_curve_epochs)
+    results, engine = _fit_and_test(model, datamodule, args.onenip_epochs, work / "onenip", callbacks=[snapshots])
+    final = _onenip_rows(model, datamodule, results, args.categories)
+    curve = {args.onenip_epochs: {"per_category": final, "train_wall_s": snapshots.train_wall_s}}
+    for epoch, (state, wall) in sorted(snapshots.states.items()):
+        model.load_state_dict(state)
+        results = engine.test(model=model, datamodule=datamodule)[0]
+        curve[epoch] = {"per_category": _onenip_rows(model, datamodule, results, args.categories),
+                        "train_wall_s": wall}
+    args.onenip_curve = dict(sorted(curve.items()))
+    return final
 
 
 def run_diad(args: argparse.Namespace, work: Path) -> dict[str, dict[str, dict[str, float]]]:
@@ -163,6 +207,15 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {model} | {category} | " + " | ".join(cells) + " |")
     lines += ["", "| model | wall s | peak RSS MB (process so far) |", "|---|---|---|"]
     lines += [f"| {model} | {entry['wall_s']:.0f} | {entry['peak_rss_mb']:.0f} |" for model, entry in report["models"].items()]
+    if "onenip_curve" in report:
+        lines += ["", "OneNIP learning curve (one run; mean over categories, then image AUROC per category)", "",
+                  "| epochs | training s | " + " | ".join(columns) + " | " + " | ".join(report["settings"]["categories"])
+                  + " |", "|---|---|" + "---|" * (len(columns) + len(report["settings"]["categories"]))]
+        for epoch, entry in report["onenip_curve"].items():
+            mean = _mean(entry["per_category"])
+            cells = [f"{100 * mean[m]:.1f}" if m in mean else "-" for m in columns]
+            cells += [f"{100 * values['image_AUROC']:.1f}" for values in entry["per_category"].values()]
+            lines.append(f"| {epoch} | {entry['train_wall_s']:.0f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -194,6 +247,29 @@ def plot(report: dict[str, Any], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+def plot_curve(report: dict[str, Any], baselines: dict[str, Any], path: Path) -> None:
+    """OneNIP's mean metrics against epochs, PatchCore and PaDiM (this run's, else ``baselines``') as lines."""
+    import matplotlib as mpl
+
+    mpl.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = report["onenip_curve"]
+    epochs = [int(epoch) for epoch in curve]
+    figure, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.6))
+    for axis, metric in zip(axes, METRICS, strict=True):
+        axis.plot(epochs, [_mean(entry["per_category"])[metric] for entry in curve.values()], "o-", label="OneNIP")
+        for style, name in zip(["--", ":"], ["PatchCore", "PaDiM"], strict=True):
+            entry = report["models"].get(name) or baselines.get("models", {}).get(name)
+            if entry is not None:
+                axis.axhline(_mean(entry["per_category"])[metric], linestyle=style, color="grey", label=name)
+        axis.set_title(metric)
+        axis.set_xlabel("epochs")
+    figure.legend(*axes[0].get_legend_handles_labels(), loc="upper center", ncol=3)
+    figure.tight_layout(rect=(0, 0, 1, 0.88))
+    figure.savefig(path, dpi=120)
+
+
 def add_data_and_backbone_arguments(parser: argparse.ArgumentParser) -> None:
     """The data, backbone and batch arguments that this benchmark shares with ``new_category.py``."""
     parser.add_argument("--root", required=True, help="dataset root in MVTec layout (one folder per category)")
@@ -208,6 +284,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_and_backbone_arguments(parser)
     parser.add_argument("--onenip-epochs", type=int, default=3)
+    parser.add_argument("--onenip-curve-epochs", type=int, nargs="*", default=[],
+                        help="also test OneNIP after these epochs of the same run (learning curve, curve.png)")
     parser.add_argument("--onenip-options", default="{}",
                         help='further OneNIP arguments as JSON, e.g. \'{"refiner_pixel_weight": 1.0}\' (ablations)')
     parser.add_argument("--diad-epochs", type=int, nargs=2, default=[2, 2], metavar=("STAGE1", "STAGE2"))
@@ -218,11 +296,13 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(RUNNERS), choices=list(RUNNERS))
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--seed", type=int, default=133)
+    parser.add_argument("--baselines", default=None,
+                        help="quality.json of an earlier run: its PatchCore and PaDiM are the lines of curve.png")
     parser.add_argument("--output", default="quality", help="folder for quality.json, quality.md, quality.png")
     args = parser.parse_args()
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    settings = {key: value for key, value in vars(args).items() if key not in {"output", "models"}}
+    settings = {key: value for key, value in vars(args).items() if key not in {"output", "models", "baselines"}}
     report = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
                          f"{torch.get_num_threads()} threads, {'CUDA' if torch.cuda.is_available() else 'CPU'}",
               "settings": settings, "models": {}}
@@ -237,10 +317,15 @@ def main() -> None:
                 "wall_s": time.perf_counter() - start,
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             }
+        if len(getattr(args, "onenip_curve", {})) > 1:
+            report["onenip_curve"] = args.onenip_curve
         (output / "quality.json").write_text(json.dumps(report, indent=2))  # kept after each model
         print(markdown(report))
     (output / "quality.md").write_text(markdown(report))
     plot(report, output / "quality.png")
+    if "onenip_curve" in report:
+        baselines = json.loads(Path(args.baselines).read_text()) if args.baselines else {}
+        plot_curve(report, baselines, output / "curve.png")
 
 
 if __name__ == "__main__":
