@@ -45,6 +45,8 @@ from anomalib_onenip.torch_model import OneNIPModel
 logger = logging.getLogger(__name__)
 
 LR_SCHEDULES = ("step", "warmup_cosine", "warmup_step")
+PERLIN_TEXTURES = ("noise", "other_categories")
+REFINER_SCALE_CALIBRATIONS = ("normal", "synthetic")
 
 
 class OneNIP(UnifiedModelComponents, AnomalibModule):
@@ -63,13 +65,19 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
             transformer sizes (paper: 256, 8, 4, 4, 1024, 0.1).
         use_neighbor_mask: UniAD's neighbour attention mask (paper: on).
         feature_jitter_scale, feature_jitter_prob: feature jitter in training (paper: 20, 1.0).
+        feature_jitter_reference_channels: None (paper's formula) or a channel count (272, the paper's B4)
+            to which the jitter's relative noise is matched for any backbone (see :class:`OneNIPModel`).
         refiner_channels: refiner width (paper: 128).
         reconstruction_weight: weight of the reconstruction map in the fused map (paper: 0.5).
         score_pool_size: average-pooling window for the image score (paper: 16).
         normalize_per_category: standardise each category's map and score with statistics of its
             normal training images, so that one threshold serves all categories (per-category
             metrics are unchanged); False outputs the paper's raw fused map.
-        anomaly_source_path: texture folder for Perlin anomalies (paper: DTD); None uses noise textures.
+        anomaly_source_path: texture folder for Perlin anomalies (paper: DTD); None uses ``perlin_textures``.
+        perlin_textures: without ``anomaly_source_path``, the Perlin anomalies' textures: ``"noise"``
+            (anomalib's Perlin-noise textures, grey blobs) or ``"other_categories"`` (the normal training
+            images of the other categories of a unified run: real textures without a download; a category
+            trained alone keeps noise).
         cutpaste_probability: share of CutPaste among synthetic anomalies (paper: 0.5).
         dice_weight: weight of the refiner's Dice loss (paper: 0.5).
         refiner_pixel_weight: weight of a pixel-wise focal/BCE term on the refiner's logits beside Dice
@@ -96,6 +104,10 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
         prompts_per_category: encoded prompts kept per category in the prompt bank.
         calibration_images_per_category: training images per category used to set the refiner
             scale ``kappa`` (see :meth:`build_prompt_bank`).
+        refiner_scale_calibration: the images over which ``kappa = (max R + min R) / 2`` is taken:
+            ``"normal"``: the calibration images; ``"synthetic"``: those and their synthetic-anomaly
+            twins (a fixed seed), so that, as in the official code's test-set formula, the range contains
+            anomalous pixels, without test data.
         reuse_cached_query_features: training reads the backbone features of the normal images from
             the prompt-pool cache instead of recomputing them (the same numbers: the backbone is frozen
             and in eval mode); only their synthetic twins go through the backbone. Ignored when the
@@ -119,11 +131,13 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
         use_neighbor_mask: bool = True,
         feature_jitter_scale: float = 20.0,
         feature_jitter_prob: float = 1.0,
+        feature_jitter_reference_channels: int | None = None,
         refiner_channels: int = 128,
         reconstruction_weight: float = 0.5,
         score_pool_size: int = 16,
         normalize_per_category: bool = True,
         anomaly_source_path: str | None = None,
+        perlin_textures: str = "noise",
         cutpaste_probability: float = 0.5,
         dice_weight: float = 0.5,
         refiner_pixel_weight: float = 0.0,
@@ -141,6 +155,7 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
         gradient_clip_val: float = 0.1,
         prompts_per_category: int = 1,
         calibration_images_per_category: int = 64,
+        refiner_scale_calibration: str = "normal",
         reuse_cached_query_features: bool = True,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
@@ -159,6 +174,12 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
         if prompts_per_category < 1:
             msg = f"prompts_per_category must be at least 1, got {prompts_per_category}."
             raise ValueError(msg)
+        if refiner_scale_calibration not in REFINER_SCALE_CALIBRATIONS:
+            msg = f"refiner_scale_calibration must be one of {REFINER_SCALE_CALIBRATIONS}, got '{refiner_scale_calibration}'."
+            raise ValueError(msg)
+        if perlin_textures not in PERLIN_TEXTURES:
+            msg = f"perlin_textures must be one of {PERLIN_TEXTURES}, got '{perlin_textures}'."
+            raise ValueError(msg)
         if lr_schedule not in LR_SCHEDULES:
             msg = f"lr_schedule must be one of {LR_SCHEDULES}, got '{lr_schedule}'."
             raise ValueError(msg)
@@ -175,6 +196,7 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
             use_neighbor_mask=use_neighbor_mask,
             feature_jitter_scale=feature_jitter_scale,
             feature_jitter_prob=feature_jitter_prob,
+            feature_jitter_reference_channels=feature_jitter_reference_channels,
             refiner_channels=refiner_channels,
             reconstruction_weight=reconstruction_weight,
             score_pool_size=score_pool_size,
@@ -190,6 +212,8 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
         self._prompt_features: dict[str, torch.Tensor] = {}
         # image path -> (category, row in _prompt_features[category]), when query features may come from the cache
         self._cached_rows: dict[str, tuple[str, int]] = {}
+        # category -> training image files, in the order of _prompt_features[category]
+        self._training_image_paths: dict[str, list[str]] = {}
         self._prompt_bank_outdated = False
 
     @property
@@ -283,6 +307,8 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
         )
         augmented = getattr(train_loader.dataset, "augmentations", None) is not None
         self.cache_training_features(in_order, reuse_for_queries=self.hparams.reuse_cached_query_features and not augmented)
+        if self.hparams.perlin_textures == "other_categories":
+            self.anomaly_generator.use_category_textures(self._training_image_paths)
         counts = ", ".join(f"{name}: {len(features)}" for name, features in self._prompt_features.items())
         logger.info("OneNIP prompt pool cached (%s).", counts)
 
@@ -310,6 +336,9 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
             raise ValueError(msg)
         self._prompt_features = {category: torch.stack(values) for category, values in sorted(features.items())}
         self.category_names = sorted(self._prompt_features)
+        self._training_image_paths = {
+            category: [str(path) for path in category_paths if path is not None] for category, category_paths in paths.items()
+        }
         self._cached_rows = {}
         if reuse_for_queries:
             self._cached_rows = {
@@ -324,9 +353,10 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
         del args, kwargs
         images = batch.image
         mean, std = self._normalization()
-        anomalous, masks = self.anomaly_generator(images * std + mean)
+        categories = self._batch_categories(batch)
+        anomalous, masks = self.anomaly_generator(images * std + mean, categories)
         anomalous = (anomalous - mean) / std
-        prompt_features = self._random_prompt_features(self._batch_categories(batch)).to(images)
+        prompt_features = self._random_prompt_features(categories).to(images)
         output = self.model(
             images,
             anomalous_images=anomalous,
@@ -387,7 +417,8 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
         1. Refiner scale ``kappa``, which brings the refiner map ``S`` (in [0, 1]) to the range of
            the reconstruction map ``R``: the official code sets ``kappa = (max R + min R) / 2`` over
            all pixels of the whole *test* set; here the same formula runs over the calibration images
-           of all categories, and every category's entry of ``refiner_scale [M]`` gets that one value.
+           of all categories (with ``refiner_scale_calibration="synthetic"`` also over their synthetic-
+           anomaly twins), and every category's entry of ``refiner_scale [M]`` gets that one value.
         2. Per category, the mean and standard deviation of the image score of the calibration
            images (used by ``normalize_per_category``).
         """
@@ -407,8 +438,8 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
             self.model.global_features(prompt_features),
             torch.cat(categories).to(self.device),
         )
-        low, high = self._reconstruction_range(pools)
-        self.model.refiner_scale = torch.full((len(pools),), (high + low) / 2, device=self.device)
+        files = [(name, self._training_image_paths.get(name, [])) for name in self.category_names]
+        self.model.refiner_scale = torch.full((len(pools),), self._refiner_scale(pools, files), device=self.device)
         self.model.score_statistics.store(self._calibration_scores(pools))
         self.model.train(was_training)
 
@@ -450,18 +481,19 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
                 "replace its prompts and calibration with replace=True (--replace)."
             )
             raise ValueError(msg)
-        features = self._image_features(list_normal_images(images))
+        paths = list_normal_images(images)
+        features = self._image_features(paths)
         index = self.category_names.index(name) if name in self.category_names else len(self.category_names)
         was_training = self.model.training
         self.model.eval()
         prompts = self._category_prompts(features).to(self.device)
         self.model.prompt_bank.replace_category(index, self.model.encode_prompts(prompts), self.model.global_features(prompts))
         pools = [(index, features)]
-        low, high = self._reconstruction_range(pools)
+        scale = self._refiner_scale(pools, [(name, [str(path) for path in paths])])
         refiner_scale = self.model.refiner_scale
         if index == len(refiner_scale):
             refiner_scale = self.model.refiner_scale = torch.cat([refiner_scale, refiner_scale.new_zeros(1)])
-        refiner_scale[index] = (high + low) / 2
+        refiner_scale[index] = scale
         self.model.score_statistics.set_row(index, self._calibration_scores(pools)[0])
         if index == len(self.category_names):
             self.category_names.append(name)
@@ -485,6 +517,57 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
     def _category_prompts(self, features: torch.Tensor) -> torch.Tensor:
         """The ``prompts_per_category`` representative rows of one category's features ``[n, C, h, w]``."""
         return features[_representative_indices(self.model.global_features(features), self.hparams.prompts_per_category)]
+
+    def _refiner_scale(
+        self,
+        pools: Sequence[tuple[int, torch.Tensor]],
+        files: Sequence[tuple[str, Sequence[str]]],
+    ) -> float:
+        """``kappa = (max R + min R) / 2`` over the calibration images of ``pools`` (see ``refiner_scale_calibration``).
+
+        ``files`` gives each pool's category name and image files in the order of its features; with
+        ``"synthetic"`` the same evenly spaced calibration images are read again and given synthetic anomalies.
+        """
+        low, high = self._reconstruction_range(pools)
+        if self.hparams.refiner_scale_calibration == "synthetic":
+            for (index, pool), (name, paths) in zip(pools, files, strict=True):
+                if len(paths) != len(pool):
+                    msg = f"Synthetic kappa calibration needs the {len(pool)} training image files of category '{name}'."
+                    raise RuntimeError(msg)
+                synthetic_low, synthetic_high = self._synthetic_reconstruction_range(index, name, paths)
+                low, high = min(low, synthetic_low), max(high, synthetic_high)
+        return (high + low) / 2
+
+    @torch.no_grad()
+    def _synthetic_reconstruction_range(
+        self,
+        index: int,
+        name: str,
+        paths: Sequence[str],
+        chunk_size: int = 16,
+    ) -> tuple[float, float]:
+        """Minimum and maximum of ``R`` over synthetic-anomaly twins of category ``name``'s calibration images.
+
+        The anomalies are drawn with a fixed seed in a forked random state, so training's random stream and
+        the result do not depend on when the calibration runs.
+        """
+        count = min(len(paths), self.hparams.calibration_images_per_category)
+        chosen = [paths[row] for row in torch.linspace(0, len(paths) - 1, count).round().long().tolist()]
+        mean, std = self._normalization()
+        low, high = float("inf"), float("-inf")
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(0)
+            for start in range(0, len(chosen), chunk_size):
+                chunk = chosen[start : start + chunk_size]
+                images = torch.cat([self._pre_process(read_rgb_image(path).unsqueeze(0).to(self.device)) for path in chunk])
+                anomalous, _ = self.anomaly_generator(images * std + mean, [name] * len(chunk))
+                features = self.model.extract_features((anomalous - mean) / std)
+                category_index = torch.full((len(chunk),), index, device=self.device)
+                encoded_prompt, _ = self.model.prompt_bank.select(self.model.global_features(features), category_index)
+                reconstruction_map, _ = self.model.residual_maps(self.model.reconstruct(features, encoded_prompt), features)
+                low, high = min(low, reconstruction_map.min().item()), max(high, reconstruction_map.max().item())
+        return low, high
 
     def _reconstruction_range(self, pools: Sequence[tuple[int, torch.Tensor]]) -> tuple[float, float]:
         """Minimum and maximum of the reconstruction map ``R`` over the calibration images of ``pools``."""

@@ -48,9 +48,9 @@ def _datamodule(args: argparse.Namespace, categories: list[str]) -> MultiClassAD
 
 
 def _fit_and_test(model: Any, datamodule: MultiClassAD, epochs: int, work: Path,  # noqa: ANN401
-                  callbacks: list[Callback] | None = None) -> tuple[dict[str, float], Engine]:
+                  callbacks: list[Callback] | None = None, **trainer_arguments: Any) -> tuple[dict[str, float], Engine]:  # noqa: ANN401
     engine = Engine(max_epochs=epochs, check_val_every_n_epoch=max(epochs, 1), default_root_dir=work,
-                    logger=False, callbacks=callbacks)
+                    logger=False, callbacks=callbacks, **trainer_arguments)
     engine.fit(model=model, datamodule=datamodule)
     return engine.test(model=model, datamodule=datamodule)[0], engine
 
@@ -123,7 +123,8 @@ def run_onenip(args: argparse.Namespace, work: Path) -> dict[str, dict[str, floa
     model = onenip_model(args)
     datamodule = _datamodule(args, args.categories)
     snapshots = EpochSnapshots(args.onenip_curve_epochs)
-    results, engine = _fit_and_test(model, datamodule, args.onenip_epochs, work / "onenip", callbacks=[snapshots])
+    results, engine = _fit_and_test(model, datamodule, args.onenip_epochs, work / "onenip", callbacks=[snapshots],
+                                    precision=args.onenip_precision)
     final = _onenip_rows(model, datamodule, results, args.categories)
     curve = {args.onenip_epochs: {"per_category": final, "train_wall_s": snapshots.train_wall_s}}
     for epoch, (state, wall) in sorted(snapshots.states.items()):
@@ -286,6 +287,8 @@ def main() -> None:
     parser.add_argument("--onenip-epochs", type=int, default=3)
     parser.add_argument("--onenip-curve-epochs", type=int, nargs="*", default=[],
                         help="also test OneNIP after these epochs of the same run (learning curve, curve.png)")
+    parser.add_argument("--onenip-precision", default="32-true",
+                        help="Lightning precision of OneNIP's training and test, e.g. bf16-mixed (CPU autocast)")
     parser.add_argument("--onenip-options", default="{}",
                         help='further OneNIP arguments as JSON, e.g. \'{"refiner_pixel_weight": 1.0}\' (ablations)')
     parser.add_argument("--diad-epochs", type=int, nargs=2, default=[2, 2], metavar=("STAGE1", "STAGE2"))
