@@ -75,6 +75,27 @@ def test_refiner_scale_comes_from_training_images(trained_onenip) -> None:  # no
     assert (onenip.score_statistics.std > 0).all()
 
 
+def test_synthetic_refiner_scale_widens_the_range_with_seeded_anomalies(trained_onenip) -> None:  # noqa: ANN001
+    model, *_ = trained_onenip
+    normal_scale = model.model.refiner_scale.clone()
+    model.hparams.refiner_scale_calibration = "synthetic"
+    try:
+        torch.manual_seed(11)
+        model.build_prompt_bank()
+        synthetic_scale = model.model.refiner_scale.clone()
+        after_calibration = torch.rand(4)
+        torch.manual_seed(11)
+        model.build_prompt_bank()
+        assert torch.equal(model.model.refiner_scale, synthetic_scale), "fixed-seed anomalies: the same kappa every time"
+        assert torch.equal(torch.rand(4), after_calibration), "the calibration leaves the training's random stream alone"
+    finally:
+        model.hparams.refiner_scale_calibration = "normal"
+        model.build_prompt_bank()
+    assert torch.equal(model.model.refiner_scale, normal_scale)
+    # synthetic anomalies reconstruct worse than normal images: the range's top, and so kappa, grows
+    assert (synthetic_scale > normal_scale * 1.05).all(), (synthetic_scale, normal_scale)
+
+
 def test_category_prompt_and_nearest_prompt_paths(trained_onenip) -> None:  # noqa: ANN001
     model, datamodule, *_ = trained_onenip
     model.eval()

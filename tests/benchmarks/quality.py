@@ -87,7 +87,8 @@ class EpochSnapshots(Callback):
     """Keep OneNIP's state (prompt bank and calibration rebuilt) and the training wall time at given epochs.
 
     The learning curve of one run: with a constant learning rate (the CPU configs) the model after epoch ``e`` of
-    a longer run is the model of an ``e``-epoch run with the same seed.
+    a longer run is the model of an ``e``-epoch run with the same seed. Each state is validated (the
+    post-processor's normalisation statistics and thresholds, as at the end of a run), then tested.
     """
 
     def __init__(self, epochs: list[int]) -> None:
@@ -129,6 +130,7 @@ def run_onenip(args: argparse.Namespace, work: Path) -> dict[str, dict[str, floa
     curve = {args.onenip_epochs: {"per_category": final, "train_wall_s": snapshots.train_wall_s}}
     for epoch, (state, wall) in sorted(snapshots.states.items()):
         model.load_state_dict(state)
+        engine.validate(model=model, datamodule=datamodule)  # the post-processor's statistics, as at a run's end
         results = engine.test(model=model, datamodule=datamodule)[0]
         curve[epoch] = {"per_category": _onenip_rows(model, datamodule, results, args.categories),
                         "train_wall_s": wall}
