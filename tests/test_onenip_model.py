@@ -75,9 +75,11 @@ def test_refiner_scale_comes_from_training_images(trained_onenip) -> None:  # no
     assert (onenip.score_statistics.std > 0).all()
 
 
-def test_synthetic_refiner_scale_widens_the_range_with_seeded_anomalies(trained_onenip) -> None:  # noqa: ANN001
+def test_synthetic_refiner_scale_spans_the_twins_with_seeded_anomalies(trained_onenip) -> None:  # noqa: ANN001
     model, *_ = trained_onenip
     normal_scale = model.model.refiner_scale.clone()
+    pools = list(enumerate(model._prompt_features[name] for name in model.category_names))  # noqa: SLF001
+    low, high = model._reconstruction_range(pools)  # noqa: SLF001
     model.hparams.refiner_scale_calibration = "synthetic"
     try:
         torch.manual_seed(11)
@@ -88,12 +90,19 @@ def test_synthetic_refiner_scale_widens_the_range_with_seeded_anomalies(trained_
         model.build_prompt_bank()
         assert torch.equal(model.model.refiner_scale, synthetic_scale), "fixed-seed anomalies: the same kappa every time"
         assert torch.equal(torch.rand(4), after_calibration), "the calibration leaves the training's random stream alone"
+        twins = [
+            model._synthetic_reconstruction_range(index, name, model._training_image_paths[name])  # noqa: SLF001
+            for index, name in enumerate(model.category_names)
+        ]
     finally:
         model.hparams.refiner_scale_calibration = "normal"
         model.build_prompt_bank()
     assert torch.equal(model.model.refiner_scale, normal_scale)
-    # synthetic anomalies reconstruct worse than normal images: the range's top, and so kappa, grows
-    assert (synthetic_scale > normal_scale * 1.05).all(), (synthetic_scale, normal_scale)
+    assert normal_scale.tolist() == pytest.approx([(low + high) / 2] * 3, rel=1e-5)
+    assert all(twin != (low, high) for twin in twins), "the twins are other images than the normal ones"
+    # kappa = (max R + min R) / 2 over the normal calibration images and their synthetic twins together
+    expected = (min(low, *(twin[0] for twin in twins)) + max(high, *(twin[1] for twin in twins))) / 2
+    assert synthetic_scale.tolist() == pytest.approx([expected] * 3, rel=1e-5)
 
 
 def test_category_prompt_and_nearest_prompt_paths(trained_onenip) -> None:  # noqa: ANN001

@@ -79,7 +79,8 @@ def refiner_pixel_auroc(model: OneNIP, datamodule: MultiClassAD) -> dict[str, fl
 def onenip_model(args: argparse.Namespace) -> OneNIP:
     """The model of configs/onenip/real_ad_lite0.yaml (at --input-size); --onenip-options overrides for ablations."""
     options = {"hidden_dim": 128, "num_encoder_layers": 2, "num_decoder_layers": 2, "dim_feedforward": 512, "lr": 1e-3,
-               "refiner_pixel_weight": 1.0, "refiner_focal_gamma": 2.0, **json.loads(args.onenip_options)}
+               "refiner_pixel_weight": 1.0, "refiner_focal_gamma": 2.0, "refiner_scale_calibration": "synthetic",
+               "lr_schedule": "warmup_step", **json.loads(args.onenip_options)}
     return OneNIP(backbone=args.backbone, weights_path=args.weights_path, input_size=(args.input_size,) * 2, **options)
 
 
@@ -286,7 +287,7 @@ def add_data_and_backbone_arguments(parser: argparse.ArgumentParser) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_and_backbone_arguments(parser)
-    parser.add_argument("--onenip-epochs", type=int, default=3)
+    parser.add_argument("--onenip-epochs", type=int, default=20)
     parser.add_argument("--onenip-curve-epochs", type=int, nargs="*", default=[],
                         help="also test OneNIP after these epochs of the same run (learning curve, curve.png)")
     parser.add_argument("--onenip-precision", default="32-true",
