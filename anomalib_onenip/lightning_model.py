@@ -214,6 +214,8 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
         self._cached_rows: dict[str, tuple[str, int]] = {}
         # category -> training image files, in the order of _prompt_features[category]
         self._training_image_paths: dict[str, list[str]] = {}
+        # (category, calibration files) -> backbone features of their synthetic twins (synthetic kappa calibration)
+        self._synthetic_twin_cache: dict[tuple[str, tuple[str, ...]], list[torch.Tensor]] = {}
         self._prompt_bank_outdated = False
 
     @property
@@ -339,6 +341,7 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
         self._training_image_paths = {
             category: [str(path) for path in category_paths if path is not None] for category, category_paths in paths.items()
         }
+        self._synthetic_twin_cache = {}
         self._cached_rows = {}
         if reuse_for_queries:
             self._cached_rows = {
@@ -539,22 +542,33 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
         return (high + low) / 2
 
     @torch.no_grad()
-    def _synthetic_reconstruction_range(
-        self,
-        index: int,
-        name: str,
-        paths: Sequence[str],
-        chunk_size: int = 16,
-    ) -> tuple[float, float]:
-        """Minimum and maximum of ``R`` over synthetic-anomaly twins of category ``name``'s calibration images.
+    def _synthetic_reconstruction_range(self, index: int, name: str, paths: Sequence[str]) -> tuple[float, float]:
+        """Minimum and maximum of ``R`` over synthetic-anomaly twins of category ``name``'s calibration images."""
+        low, high = float("inf"), float("-inf")
+        for features in self._synthetic_twin_features(name, paths):
+            features = features.to(self.device)
+            category_index = torch.full((len(features),), index, device=self.device)
+            encoded_prompt, _ = self.model.prompt_bank.select(self.model.global_features(features), category_index)
+            reconstruction_map, _ = self.model.residual_maps(self.model.reconstruct(features, encoded_prompt), features)
+            low, high = min(low, reconstruction_map.min().item()), max(high, reconstruction_map.max().item())
+        return low, high
 
-        The anomalies are drawn with a fixed seed in a forked random state, so training's random stream and
-        the result do not depend on when the calibration runs.
+    @torch.no_grad()
+    def _synthetic_twin_features(self, name: str, paths: Sequence[str], chunk_size: int = 16) -> list[torch.Tensor]:
+        """Backbone features (chunks of ``[b, C, h, w]``, on the CPU) of synthetic twins of the calibration images.
+
+        The calibration images are ``calibration_images_per_category`` of ``paths``, evenly spaced. The anomalies
+        are drawn with a fixed seed in a forked random state, so training's random stream and the twins do not
+        depend on when the calibration runs. The backbone is frozen, so the features are computed once per
+        training run and reused at every epoch's calibration.
         """
         count = min(len(paths), self.hparams.calibration_images_per_category)
         chosen = [paths[row] for row in torch.linspace(0, len(paths) - 1, count).round().long().tolist()]
+        key = (name, tuple(chosen))
+        if key in self._synthetic_twin_cache:
+            return self._synthetic_twin_cache[key]
         mean, std = self._normalization()
-        low, high = float("inf"), float("-inf")
+        chunks = []
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(0)
@@ -562,12 +576,9 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
                 chunk = chosen[start : start + chunk_size]
                 images = torch.cat([self._pre_process(read_rgb_image(path).unsqueeze(0).to(self.device)) for path in chunk])
                 anomalous, _ = self.anomaly_generator(images * std + mean, [name] * len(chunk))
-                features = self.model.extract_features((anomalous - mean) / std)
-                category_index = torch.full((len(chunk),), index, device=self.device)
-                encoded_prompt, _ = self.model.prompt_bank.select(self.model.global_features(features), category_index)
-                reconstruction_map, _ = self.model.residual_maps(self.model.reconstruct(features, encoded_prompt), features)
-                low, high = min(low, reconstruction_map.min().item()), max(high, reconstruction_map.max().item())
-        return low, high
+                chunks.append(self.model.extract_features((anomalous - mean) / std).cpu())
+        self._synthetic_twin_cache[key] = chunks
+        return chunks
 
     def _reconstruction_range(self, pools: Sequence[tuple[int, torch.Tensor]]) -> tuple[float, float]:
         """Minimum and maximum of the reconstruction map ``R`` over the calibration images of ``pools``."""
