@@ -68,13 +68,13 @@ OFFICIAL_DEFAULTS = {
 }
 FROM_SCRATCH_DEFAULTS = {
     "train_unet_encoder": True,
-    "ddim_steps": 5,
+    "ddim_steps": 2,
     "noise_timestep": 300,
     "ddim_schedule": "truncated",
     "max_train_timestep": None,
     "posterior": "mode",
     "scale_by_std": True,
-    "diffusion_lr": 1e-4,
+    "diffusion_lr": 3e-4,
 }
 UNET_ENCODER_PARTS = ("conv_in", "time_proj", "time_embedding", "down_blocks", "mid_block")
 LATENT_SCALE_IMAGES = 256
@@ -127,7 +127,7 @@ class DiAD(UnifiedModelComponents, AnomalibModule):
             ``scale_by_std``), stored in the checkpoint and used by stage 2, inference and export;
             None: True without ``diffusion_weights``, False with them (SD's 0.18215).
         lr: learning rate; None uses the stage's default (Adam 1.8e-4 in stage 1; AdamW 1e-5 in stage 2
-            as the official code, 1e-4 from scratch).
+            as the official code, 3e-4 from scratch).
         weight_decay: AdamW weight decay of stage 2 (official: torch default 0.01).
         accumulate_grad_batches: gradient accumulation; None uses the official 8 / 4.
         kl_weight, perceptual_weight: stage-1 loss weights (see :class:`~anomalib_diad.loss.AutoencoderLoss`).

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -531,27 +531,19 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
         ``files`` gives each pool's category name and image files in the order of its features; with
         ``"synthetic"`` the same evenly spaced calibration images are read again and given synthetic anomalies.
         """
-        low, high = self._reconstruction_range(pools)
+        low, high = self._reconstruction_range(self._calibration_batches(pools))
         if self.hparams.refiner_scale_calibration == "synthetic":
             for (index, pool), (name, paths) in zip(pools, files, strict=True):
                 if len(paths) != len(pool):
                     msg = f"Synthetic kappa calibration needs the {len(pool)} training image files of category '{name}'."
                     raise RuntimeError(msg)
-                synthetic_low, synthetic_high = self._synthetic_reconstruction_range(index, name, paths)
+                twins = (
+                    (features.to(self.device), torch.full((len(features),), index, device=self.device))
+                    for features in self._synthetic_twin_features(name, paths)
+                )
+                synthetic_low, synthetic_high = self._reconstruction_range(twins)
                 low, high = min(low, synthetic_low), max(high, synthetic_high)
         return (high + low) / 2
-
-    @torch.no_grad()
-    def _synthetic_reconstruction_range(self, index: int, name: str, paths: Sequence[str]) -> tuple[float, float]:
-        """Minimum and maximum of ``R`` over synthetic-anomaly twins of category ``name``'s calibration images."""
-        low, high = float("inf"), float("-inf")
-        for features in self._synthetic_twin_features(name, paths):
-            features = features.to(self.device)
-            category_index = torch.full((len(features),), index, device=self.device)
-            encoded_prompt, _ = self.model.prompt_bank.select(self.model.global_features(features), category_index)
-            reconstruction_map, _ = self.model.residual_maps(self.model.reconstruct(features, encoded_prompt), features)
-            low, high = min(low, reconstruction_map.min().item()), max(high, reconstruction_map.max().item())
-        return low, high
 
     @torch.no_grad()
     def _synthetic_twin_features(self, name: str, paths: Sequence[str], chunk_size: int = 16) -> list[torch.Tensor]:
@@ -580,10 +572,12 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
         self._synthetic_twin_cache[key] = chunks
         return chunks
 
-    def _reconstruction_range(self, pools: Sequence[tuple[int, torch.Tensor]]) -> tuple[float, float]:
-        """Minimum and maximum of the reconstruction map ``R`` over the calibration images of ``pools``."""
+    @torch.no_grad()
+    def _reconstruction_range(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+        """Minimum and maximum of the reconstruction map ``R`` over ``batches`` of features ``[b, C, h, w]``, each
+        with its category index ``[b]`` (calibration images, or their synthetic twins)."""
         low, high = float("inf"), float("-inf")
-        for features, category_index in self._calibration_batches(pools):
+        for features, category_index in batches:
             encoded_prompt, _ = self.model.prompt_bank.select(self.model.global_features(features), category_index)
             reconstruction = self.model.reconstruct(features, encoded_prompt)
             reconstruction_map, _ = self.model.residual_maps(reconstruction, features)

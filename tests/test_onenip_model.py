@@ -75,11 +75,23 @@ def test_refiner_scale_comes_from_training_images(trained_onenip) -> None:  # no
     assert (onenip.score_statistics.std > 0).all()
 
 
+def _reconstruction_range_of(model, index: int, chunks: list[torch.Tensor]) -> tuple[float, float]:  # noqa: ANN001
+    """Minimum and maximum of ``R`` over feature chunks of category ``index``, computed here from the torch model."""
+    onenip = model.model.eval()
+    low, high = float("inf"), float("-inf")
+    with torch.no_grad():
+        for features in chunks:
+            prompt, _ = onenip.prompt_bank.select(onenip.global_features(features), torch.full((len(features),), index))
+            reconstruction_map, _ = onenip.residual_maps(onenip.reconstruct(features, prompt), features)
+            low, high = min(low, reconstruction_map.min().item()), max(high, reconstruction_map.max().item())
+    return low, high
+
+
 def test_synthetic_refiner_scale_spans_the_twins_with_seeded_anomalies(trained_onenip) -> None:  # noqa: ANN001
     model, *_ = trained_onenip
     normal_scale = model.model.refiner_scale.clone()
     pools = list(enumerate(model._prompt_features[name] for name in model.category_names))  # noqa: SLF001
-    low, high = model._reconstruction_range(pools)  # noqa: SLF001
+    low, high = model._reconstruction_range(model._calibration_batches(pools))  # noqa: SLF001
     model.hparams.refiner_scale_calibration = "synthetic"
     try:
         torch.manual_seed(11)
@@ -91,7 +103,7 @@ def test_synthetic_refiner_scale_spans_the_twins_with_seeded_anomalies(trained_o
         assert torch.equal(model.model.refiner_scale, synthetic_scale), "fixed-seed anomalies: the same kappa every time"
         assert torch.equal(torch.rand(4), after_calibration), "the calibration leaves the training's random stream alone"
         twins = [
-            model._synthetic_reconstruction_range(index, name, model._training_image_paths[name])  # noqa: SLF001
+            _reconstruction_range_of(model, index, model._synthetic_twin_features(name, model._training_image_paths[name]))  # noqa: SLF001
             for index, name in enumerate(model.category_names)
         ]
     finally:
