@@ -57,34 +57,35 @@ def test_prompt_bank_holds_one_prompt_per_category(trained_onenip) -> None:  # n
     assert bank.tokens.shape == (3, 16, 32)
 
 
-def test_refiner_scale_comes_from_training_images(trained_onenip) -> None:  # noqa: ANN001
-    model, datamodule, *_ = trained_onenip
+def _reconstruction_range_of(model, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:  # noqa: ANN001
+    """Minimum and maximum of ``R`` over (features ``[b, C, h, w]``, category index ``[b]``) pairs, computed here
+    from the torch model."""
     onenip = model.model.eval()
     low, high = float("inf"), float("-inf")
     with torch.no_grad():
-        for batch in datamodule.train_dataloader():
-            images = model.pre_processor.transform(batch.image)
-            features = onenip.extract_features(images)
-            index = torch.tensor([model.category_names.index(name) for name in batch.category])
+        for features, index in batches:
             prompt, _ = onenip.prompt_bank.select(onenip.global_features(features), index)
             reconstruction_map, _ = onenip.residual_maps(onenip.reconstruct(features, prompt), features)
             low, high = min(low, reconstruction_map.min().item()), max(high, reconstruction_map.max().item())
+    return low, high
+
+
+def test_refiner_scale_comes_from_training_images(trained_onenip) -> None:  # noqa: ANN001
+    model, datamodule, *_ = trained_onenip
+    onenip = model.model.eval()
+    with torch.no_grad():
+        batches = [
+            (
+                onenip.extract_features(model.pre_processor.transform(batch.image)),
+                torch.tensor([model.category_names.index(name) for name in batch.category]),
+            )
+            for batch in datamodule.train_dataloader()
+        ]
+    low, high = _reconstruction_range_of(model, batches)
     # one value of the paper's formula over all categories' training images, for every category
     assert onenip.refiner_scale.tolist() == pytest.approx([(low + high) / 2] * 3, rel=1e-4)
     assert onenip.score_statistics.mean.shape == (3,)
     assert (onenip.score_statistics.std > 0).all()
-
-
-def _reconstruction_range_of(model, index: int, chunks: list[torch.Tensor]) -> tuple[float, float]:  # noqa: ANN001
-    """Minimum and maximum of ``R`` over feature chunks of category ``index``, computed here from the torch model."""
-    onenip = model.model.eval()
-    low, high = float("inf"), float("-inf")
-    with torch.no_grad():
-        for features in chunks:
-            prompt, _ = onenip.prompt_bank.select(onenip.global_features(features), torch.full((len(features),), index))
-            reconstruction_map, _ = onenip.residual_maps(onenip.reconstruct(features, prompt), features)
-            low, high = min(low, reconstruction_map.min().item()), max(high, reconstruction_map.max().item())
-    return low, high
 
 
 def test_synthetic_refiner_scale_spans_the_twins_with_seeded_anomalies(trained_onenip) -> None:  # noqa: ANN001
@@ -103,7 +104,13 @@ def test_synthetic_refiner_scale_spans_the_twins_with_seeded_anomalies(trained_o
         assert torch.equal(model.model.refiner_scale, synthetic_scale), "fixed-seed anomalies: the same kappa every time"
         assert torch.equal(torch.rand(4), after_calibration), "the calibration leaves the training's random stream alone"
         twins = [
-            _reconstruction_range_of(model, index, model._synthetic_twin_features(name, model._training_image_paths[name]))  # noqa: SLF001
+            _reconstruction_range_of(
+                model,
+                [
+                    (features, torch.full((len(features),), index))
+                    for features in model._synthetic_twin_features(name, model._training_image_paths[name])  # noqa: SLF001
+                ],
+            )
             for index, name in enumerate(model.category_names)
         ]
     finally:
