@@ -6,8 +6,9 @@ almost completely (t = 999) and denoised in 10 DDIM steps by a Stable Diffusion 
 Semantic-Guided (SG) network, fed the image itself, steers through the middle block and the
 three deepest skips; the reconstruction is compared with the image in the feature space of a
 frozen CNN. Without Stable Diffusion weights (``diffusion_weights=None``) every part trains from
-scratch, with the from-scratch defaults (``FROM_SCRATCH_DEFAULTS``): noise to t = 300, five DDIM
-steps below it, the whole UNet trained on t <= 300, the latent scale measured in stage 1.
+scratch, with the from-scratch defaults (``FROM_SCRATCH_DEFAULTS``): noise to t = 300, one DDIM
+step to the clean latent, the whole UNet trained on the sampler's timestep (t = 300), the latent
+scale measured in stage 1.
 
 Training has two stages, both run with ``anomalib train``:
 
@@ -61,17 +62,21 @@ OFFICIAL_DEFAULTS = {
     "ddim_steps": 10,
     "noise_timestep": 999,
     "ddim_schedule": "official",
+    "set_alpha_to_one": False,
     "max_train_timestep": 999,
+    "train_timesteps": "uniform",
     "posterior": "sample",
     "scale_by_std": False,
     "diffusion_lr": STAGE_LR["diffusion"],
 }
 FROM_SCRATCH_DEFAULTS = {
     "train_unet_encoder": True,
-    "ddim_steps": 2,
+    "ddim_steps": 1,
     "noise_timestep": 300,
     "ddim_schedule": "truncated",
+    "set_alpha_to_one": True,
     "max_train_timestep": None,
+    "train_timesteps": "sampler",
     "posterior": "mode",
     "scale_by_std": True,
     "diffusion_lr": 3e-4,
@@ -116,13 +121,14 @@ class DiAD(UnifiedModelComponents, AnomalibModule):
         weights_path: local backbone weights (timm state dict) instead of timm's hub weights.
         sff_init: ``"default"`` (SFF learns) or ``"zero"`` (official; SFF never learns).
         use_sff, inject_levels, train_unet_decoder, train_unet_encoder, ddim_steps, noise_timestep,
-            ddim_schedule, max_train_timestep, guidance_scale, posterior, sigma, score_pool_size,
+            ddim_schedule, set_alpha_to_one, max_train_timestep, train_timesteps, guidance_scale, posterior, sigma, score_pool_size,
             score_pool_repeats, normalize_per_category, seed: see
             :class:`~anomalib_diad.torch_model.DiADModel` (paper: True, "deepest", True, False, 10, 999,
-            "official", 999, no-op CFG, "sample", 5 and 8 at 256 px, 8). Those left as None take the
+            "official", False, 999, "uniform", no-op CFG, "sample", 5 and 8 at 256 px, 8). Those left as None take the
             official values with ``diffusion_weights`` and the from-scratch ones without
-            (``FROM_SCRATCH_DEFAULTS``: the whole UNet trains, a truncated 5-step schedule from t = 300,
-            training on t <= 300, the posterior mode); sigma and pooling scale with the input size.
+            (``FROM_SCRATCH_DEFAULTS``: the whole UNet trains, one truncated DDIM step from t = 300 to the
+            clean latent, training on the sampler's timesteps, the posterior mode); sigma and pooling scale
+            with the input size.
         scale_by_std: stage 1 sets the latent scale to ``1 / std`` of the training latents (ldm's
             ``scale_by_std``), stored in the checkpoint and used by stage 2, inference and export;
             None: True without ``diffusion_weights``, False with them (SD's 0.18215).
@@ -156,7 +162,9 @@ class DiAD(UnifiedModelComponents, AnomalibModule):
         ddim_steps: int | None = None,
         noise_timestep: int | None = None,
         ddim_schedule: str | None = None,
+        set_alpha_to_one: bool | None = None,
         max_train_timestep: int | None = None,
+        train_timesteps: str | None = None,
         guidance_scale: float = 1.0,
         posterior: str | None = None,
         sigma: float | None = None,
@@ -200,7 +208,9 @@ class DiAD(UnifiedModelComponents, AnomalibModule):
             ddim_steps=ddim_steps,
             noise_timestep=noise_timestep,
             ddim_schedule=ddim_schedule,
+            set_alpha_to_one=set_alpha_to_one,
             max_train_timestep=max_train_timestep,
+            train_timesteps=train_timesteps,
             posterior=posterior,
             scale_by_std=scale_by_std,
         )
@@ -218,7 +228,9 @@ class DiAD(UnifiedModelComponents, AnomalibModule):
             ddim_steps=defaults["ddim_steps"],
             noise_timestep=defaults["noise_timestep"],
             ddim_schedule=defaults["ddim_schedule"],
+            set_alpha_to_one=defaults["set_alpha_to_one"],
             max_train_timestep=defaults["max_train_timestep"],
+            train_timesteps=defaults["train_timesteps"],
             guidance_scale=guidance_scale,
             posterior=defaults["posterior"],
             sigma=sigma,

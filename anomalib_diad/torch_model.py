@@ -25,6 +25,7 @@ from anomalib_multiclass.score_statistics import CategoryScoreStatistics
 
 STAGES = ("autoencoder", "diffusion")
 POSTERIORS = ("sample", "mode")
+TRAIN_TIMESTEPS = ("uniform", "sampler")
 LATENT_STRIDE = 8
 MIN_INPUT_SIZE = 128
 INPUT_MULTIPLE = 64  # the autoencoder's x8 times the UNet's three x2 downsamplings
@@ -67,9 +68,12 @@ class DiADModel(nn.Module):
         train_unet_encoder: also train the UNet's time embedding, ``conv_in``, down blocks and middle
             block (paper: False, they keep Stable Diffusion's weights; True from scratch, where they
             would otherwise stay random).
-        ddim_steps, noise_timestep, ddim_schedule: see :class:`DDIMSampler` (paper: 10, 999, "official").
+        ddim_steps, noise_timestep, ddim_schedule, set_alpha_to_one: see :class:`DDIMSampler` (paper: 10, 999,
+            "official", False).
         max_train_timestep: stage-2 training draws ``t ~ U{0, ..., max_train_timestep}`` (paper: 999);
             from scratch, training on the timesteps that inference visits (up to ``noise_timestep``).
+        train_timesteps: ``"uniform"`` (paper: ``t ~ U{0, ..., max_train_timestep}``) or ``"sampler"``
+            (``t`` drawn from the sampler's own DDIM timesteps, the only ones inference evaluates).
         guidance_scale: classifier-free guidance with the same empty prompt and hint as the
             conditional branch; the official 9.0 is mathematically a no-op that doubles compute,
             so the default 1.0 skips it.
@@ -98,7 +102,9 @@ class DiADModel(nn.Module):
         ddim_steps: int = 10,
         noise_timestep: int = 999,
         ddim_schedule: str = "official",
+        set_alpha_to_one: bool = False,
         max_train_timestep: int = NUM_TRAIN_TIMESTEPS - 1,
+        train_timesteps: str = "uniform",
         guidance_scale: float = 1.0,
         posterior: str = "sample",
         sigma: float | None = None,
@@ -121,6 +127,9 @@ class DiADModel(nn.Module):
         if not 0 <= max_train_timestep < NUM_TRAIN_TIMESTEPS:
             msg = f"max_train_timestep must be in [0, {NUM_TRAIN_TIMESTEPS - 1}], got {max_train_timestep}."
             raise ValueError(msg)
+        if train_timesteps not in TRAIN_TIMESTEPS:
+            msg = f"Unknown train_timesteps '{train_timesteps}'. Choose 'uniform' (paper) or 'sampler'."
+            raise ValueError(msg)
         if posterior not in POSTERIORS:
             msg = f"Unknown posterior '{posterior}'. Choose 'sample' (paper) or 'mode'."
             raise ValueError(msg)
@@ -136,7 +145,7 @@ class DiADModel(nn.Module):
             use_sff=use_sff,
             inject_levels=inject_levels,
         )
-        self.sampler = DDIMSampler(ddim_steps, noise_timestep, ddim_schedule)
+        self.sampler = DDIMSampler(ddim_steps, noise_timestep, ddim_schedule, set_alpha_to_one)
         self.anomaly_map = FeatureDistanceAnomalyMap(
             backbone, layers, self.input_size, sigma, score_pool_size, score_pool_repeats
         )
@@ -152,6 +161,7 @@ class DiADModel(nn.Module):
         self.train_unet_decoder = train_unet_decoder
         self.train_unet_encoder = train_unet_encoder
         self.max_train_timestep = max_train_timestep
+        self.train_timesteps = train_timesteps
         self.guidance_scale = guidance_scale
         self.posterior = posterior
         self.normalize_per_category = normalize_per_category
@@ -281,11 +291,15 @@ class DiADModel(nn.Module):
         return AutoencoderOutput(reconstruction, distribution.kl(), perceptual)
 
     def diffusion_training_forward(self, images: torch.Tensor) -> DiffusionOutput:
-        """Noise the latents (posterior samples) of ``images`` to ``t ~ U{0, ..., max_train_timestep}``; predict it."""
+        """Noise the latents (posterior samples) of ``images`` to ``t`` (see ``train_timesteps``); predict the noise."""
         with torch.no_grad():
             latents = self.encode(images)
         noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, self.max_train_timestep + 1, (latents.shape[0],), device=latents.device)
+        if self.train_timesteps == "sampler":
+            steps = torch.randint(0, self.sampler.num_steps, (latents.shape[0],), device=latents.device)
+            timesteps = self.sampler.timesteps[steps]
+        else:
+            timesteps = torch.randint(0, self.max_train_timestep + 1, (latents.shape[0],), device=latents.device)
         noisy_latents = self.sampler.add_noise(latents, noise, timesteps)
         return DiffusionOutput(self.predict_noise(noisy_latents, timesteps, images), noise)
 

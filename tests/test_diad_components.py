@@ -73,6 +73,11 @@ def test_truncated_schedule_starts_at_the_noise_timestep() -> None:
     torch.testing.assert_close(recovered(DDIMSampler(10, 999, "truncated")), expected)
     official = recovered(DDIMSampler(10, 999, "official"))  # noised to 999, first update assumes 901
     assert (official - expected).abs().max() > 0.1
+    # set_alpha_to_one: the last update lands on the clean latent itself, not re-noised to timestep 0's level
+    for steps in (1, 2, 5):
+        to_one = DDIMSampler(steps, 300, "truncated", set_alpha_to_one=True)
+        assert to_one.alphas_previous[-1] == 1.0
+        torch.testing.assert_close(recovered(to_one), latents)
 
 
 @pytest.mark.parametrize(
@@ -158,15 +163,16 @@ def test_only_the_deepest_skips_get_residuals() -> None:
 
 
 def test_from_scratch_defaults_train_the_whole_unet_on_the_inference_timesteps(monkeypatch) -> None:
-    """Without diffusion weights: whole UNet trained, t <= t_s, truncated schedule; with them the official setup."""
+    """Without diffusion weights: whole UNet trained on the sampler's own timesteps, truncated schedule ending at the
+    clean latent; with them the official setup (t ~ U{0..999}, steps 901..1 ending at timestep 0's level)."""
     scratch = DiAD(**TINY, diffusion_weights=None, pre_trained=False).model
     assert all(parameter.requires_grad for parameter in scratch.unet.parameters())
-    assert (scratch.sampler.schedule, scratch.sampler.noise_timestep, scratch.max_train_timestep) == (
+    assert (scratch.sampler.schedule, scratch.sampler.noise_timestep, scratch.train_timesteps) == (
         "truncated",
         300,
-        300,
+        "sampler",
     )
-    assert scratch.posterior == "mode"
+    assert scratch.posterior == "mode" and scratch.sampler.set_alpha_to_one
     official = DiAD(**TINY, diffusion_weights="some/sd15", pre_trained=False).model
     assert not any(parameter.requires_grad for parameter in official.unet.down_blocks.parameters())
     assert (official.sampler.schedule, official.sampler.noise_timestep, official.max_train_timestep) == (
@@ -174,15 +180,17 @@ def test_from_scratch_defaults_train_the_whole_unet_on_the_inference_timesteps(m
         999,
         999,
     )
-    drawn = []
-    monkeypatch.setattr(
-        scratch.sampler, "add_noise", lambda latents, noise, timesteps: drawn.append(timesteps) or latents
-    )
-    scratch.train()
-    for _ in range(20):
-        scratch.diffusion_training_forward(torch.randn(4, 3, 128, 128))
-    drawn = torch.cat(drawn)
-    assert drawn.max() <= 300 and drawn.min() >= 0 and len(drawn.unique()) > 40
+    assert official.train_timesteps == "uniform" and not official.sampler.set_alpha_to_one
+    for model, expected in ((scratch, {300, 150}), (DiADModel(**TINY, max_train_timestep=300), set(range(301)))):
+        drawn = []
+        monkeypatch.setattr(
+            model.sampler, "add_noise", lambda latents, noise, timesteps, drawn=drawn: drawn.append(timesteps) or latents
+        )
+        model.train()
+        for _ in range(20):
+            model.diffusion_training_forward(torch.randn(4, 3, 128, 128))
+        drawn = set(torch.cat(drawn).tolist())
+        assert drawn <= expected and len(drawn) >= min(len(expected), 40)
 
 
 def test_trainable_parameters_per_stage() -> None:
@@ -282,6 +290,7 @@ def test_guidance_with_identical_branches_is_a_no_op(tiny_model: DiADModel) -> N
         ({"inject_levels": "some"}, "Unknown inject_levels 'some'"),
         ({"stage": "both"}, "Unknown stage 'both'"),
         ({"posterior": "mean"}, "Unknown posterior 'mean'"),
+        ({"train_timesteps": "all"}, "Unknown train_timesteps 'all'"),
         ({"ddim_steps": 0}, "ddim_steps must be in"),
         ({"max_train_timestep": 1000}, "max_train_timestep must be in"),
     ],
@@ -395,3 +404,4 @@ def test_sd15_architecture_has_the_official_parameter_counts() -> None:
         network = SemanticGuidedNetwork(unet, (16, 32, 96, 256))
     assert (millions(unet), millions(autoencoder)) == (859.52, 83.65)
     assert (millions(network.controlnet), millions(network.sff)) == (361.28, 110.59)
+

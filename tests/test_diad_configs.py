@@ -37,11 +37,11 @@ def test_config_builds(path: Path, tiny_dataset: Path) -> None:
     sampler = model.model.sampler
     if init_args["architecture"] == "sd15":  # the official schedule and frozen UNet encoder
         assert (sampler.noise_timestep, sampler.timesteps.tolist()) == (999, [901 - 100 * k for k in range(10)])
-        assert model.model.max_train_timestep == 999
-        assert not model.model.train_unet_encoder and not model.scale_by_std
+        assert model.model.max_train_timestep == 999 and model.model.train_timesteps == "uniform"
+        assert not model.model.train_unet_encoder and not model.scale_by_std and not sampler.set_alpha_to_one
     else:  # from scratch: the truncated schedule, trained on the timesteps it visits, the whole UNet trains
-        assert sampler.timesteps[0] == sampler.noise_timestep == model.model.max_train_timestep < 999
-        assert model.model.train_unet_encoder and model.scale_by_std
+        assert sampler.timesteps.tolist() == [300] and model.model.train_timesteps == "sampler"
+        assert model.model.train_unet_encoder and model.scale_by_std and sampler.set_alpha_to_one
     data_args = config["data"]["init_args"]
     overrides = {"root": tiny_dataset, "categories": "all"} if data_args["dataset"] == "folder" else {}
     datamodule = _class(config["data"])(**{**data_args, **overrides})

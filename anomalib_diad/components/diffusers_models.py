@@ -148,8 +148,12 @@ def build_controlnet(unet: torch.nn.Module, hint_channels: tuple[int, ...]) -> t
     )
 
 
-def build_ddim_scheduler() -> Any:
-    """DiAD's DDIM schedule (ldm's scaled-linear betas, 'leading' spacing with offset 1: 10 steps are 901, ..., 1)."""
+def build_ddim_scheduler(set_alpha_to_one: bool = False) -> Any:
+    """DiAD's DDIM schedule (ldm's scaled-linear betas, 'leading' spacing with offset 1: 10 steps are 901, ..., 1).
+
+    ``set_alpha_to_one``: the last update ends at the clean latent (alpha product 1) instead of ldm's and
+    Stable Diffusion's ``alpha_cumprod[0]``.
+    """
     return import_diffusers().DDIMScheduler(
         num_train_timesteps=NUM_TRAIN_TIMESTEPS,
         beta_start=0.00085,
@@ -157,7 +161,7 @@ def build_ddim_scheduler() -> Any:
         beta_schedule="scaled_linear",
         steps_offset=1,
         timestep_spacing="leading",
-        set_alpha_to_one=False,
+        set_alpha_to_one=set_alpha_to_one,
         clip_sample=False,
     )
 

@@ -13,7 +13,12 @@ Two step schedules (``schedule``):
   (its truncation line is commented out); reproduced as is, so it needs ``noise_timestep=999``.
 * ``"truncated"``: an img2img-like start: ``num_steps`` evenly spaced timesteps from
   ``noise_timestep`` down (``t_s, ..., t_s / num_steps``, rounded), the first update using the
-  noise level of ``t_s``, the last one ending at ``alpha_cumprod[0]`` as ldm's final step.
+  noise level of ``t_s``.
+
+The last update ends at ``alpha_cumprod[0]``, as ldm's and Stable Diffusion's DDIM (diffusers'
+``set_alpha_to_one=False``): its output is the predicted clean latent re-noised with the predicted
+noise to the first timestep's small noise level (``sqrt(1 - alpha_cumprod[0]) = 0.029``). With
+``set_alpha_to_one`` it ends at the clean latent itself (alpha product 1).
 """
 
 from __future__ import annotations
@@ -37,9 +42,16 @@ class DDIMSampler(nn.Module):
         noise_timestep: timestep ``t_s`` of the noised start latent (paper: 999).
         schedule: ``"official"`` (paper: 901, 801, ..., 1 whatever the start) or ``"truncated"``
             (steps at or below ``t_s`` only, starting at ``t_s``); see the module docstring.
+        set_alpha_to_one: end the last update at the clean latent instead of ``alpha_cumprod[0]`` (paper: False).
     """
 
-    def __init__(self, num_steps: int = 10, noise_timestep: int = 999, schedule: str = "official") -> None:
+    def __init__(
+        self,
+        num_steps: int = 10,
+        noise_timestep: int = 999,
+        schedule: str = "official",
+        set_alpha_to_one: bool = False,
+    ) -> None:
         super().__init__()
         if not 1 <= num_steps <= NUM_TRAIN_TIMESTEPS:
             msg = f"ddim_steps must be in [1, {NUM_TRAIN_TIMESTEPS}], got {num_steps}."
@@ -64,7 +76,7 @@ class DDIMSampler(nn.Module):
                 f"use at most {noise_timestep} steps or a later noise_timestep."
             )
             raise ValueError(msg)
-        scheduler = build_ddim_scheduler()
+        scheduler = build_ddim_scheduler(set_alpha_to_one)
         alphas_cumprod = scheduler.alphas_cumprod.double()
         if schedule == "official":
             scheduler.set_timesteps(num_steps)
@@ -75,9 +87,11 @@ class DDIMSampler(nn.Module):
             timesteps, previous = spaced[:-1], spaced[1:]
         final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float64)
         alphas_previous = torch.where(previous >= 0, alphas_cumprod[previous.clamp_min(0)], final)
+        alphas_previous[-1] = final  # alpha_cumprod[0], or 1 with set_alpha_to_one (truncated: also from t = 0)
         self.num_steps = num_steps
         self.noise_timestep = noise_timestep
         self.schedule = schedule
+        self.set_alpha_to_one = set_alpha_to_one
         self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
         self.register_buffer("timesteps", timesteps, persistent=False)
         self.register_buffer("alphas", alphas_cumprod[timesteps].float(), persistent=False)

@@ -5,7 +5,7 @@
         --variants '{"name": "t_s=500", "noise_timestep": 500}' '{"name": "paper sigma", "sigma": 5.0}'
 
 Each variant changes only how the trained model reconstructs and scores (``noise_timestep``,
-``ddim_steps``, ``ddim_schedule``, ``posterior``, ``sigma``, ``score_pool_size``), never its weights,
+``ddim_steps``, ``ddim_schedule``, ``set_alpha_to_one``, ``posterior``, ``sigma``, ``score_pool_size``), never its weights,
 and is tested with anomalib's metrics per category. The per-category score statistics are kept:
 standardising is monotone per category, so per-category metrics do not depend on them. Prints a
 table of the mean image and pixel AUROC and writes ``ablation.json`` to ``--output``.
@@ -25,7 +25,7 @@ from anomalib_diad import DiAD
 from anomalib_diad.components import DDIMSampler
 from anomalib_multiclass import MultiClassAD
 
-SAMPLER_KEYS = ("ddim_steps", "noise_timestep", "ddim_schedule")
+SAMPLER_KEYS = ("ddim_steps", "noise_timestep", "ddim_schedule", "set_alpha_to_one")
 
 
 def apply_variant(model: DiAD, variant: dict) -> None:
@@ -37,6 +37,7 @@ def apply_variant(model: DiAD, variant: dict) -> None:
             variant.get("ddim_steps", sampler.num_steps),
             variant.get("noise_timestep", sampler.noise_timestep),
             variant.get("ddim_schedule", sampler.schedule),
+            variant.get("set_alpha_to_one", sampler.set_alpha_to_one),
         ).to(model.device)
     if "posterior" in variant:
         torch_model.posterior = variant["posterior"]
