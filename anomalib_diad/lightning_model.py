@@ -121,11 +121,11 @@ class DiAD(UnifiedModelComponents, AnomalibModule):
         weights_path: local backbone weights (timm state dict) instead of timm's hub weights.
         sff_init: ``"default"`` (SFF learns) or ``"zero"`` (official; SFF never learns).
         use_sff, inject_levels, train_unet_decoder, train_unet_encoder, ddim_steps, noise_timestep,
-            ddim_schedule, set_alpha_to_one, max_train_timestep, train_timesteps, guidance_scale, posterior, sigma, score_pool_size,
-            score_pool_repeats, normalize_per_category, seed: see
+            ddim_schedule, set_alpha_to_one, max_train_timestep, train_timesteps, guidance_scale, posterior,
+            sigma, score_pool_size, score_pool_repeats, normalize_per_category, seed: see
             :class:`~anomalib_diad.torch_model.DiADModel` (paper: True, "deepest", True, False, 10, 999,
-            "official", False, 999, "uniform", no-op CFG, "sample", 5 and 8 at 256 px, 8). Those left as None take the
-            official values with ``diffusion_weights`` and the from-scratch ones without
+            "official", False, 999, "uniform", no-op CFG, "sample", 5 and 8 at 256 px, 8). Those left as None
+            take the official values with ``diffusion_weights`` and the from-scratch ones without
             (``FROM_SCRATCH_DEFAULTS``: the whole UNet trains, one truncated DDIM step from t = 300 to the
             clean latent, training on the sampler's timesteps, the posterior mode); sigma and pooling scale
             with the input size.

@@ -70,8 +70,8 @@ class DiADModel(nn.Module):
             would otherwise stay random).
         ddim_steps, noise_timestep, ddim_schedule, set_alpha_to_one: see :class:`DDIMSampler` (paper: 10, 999,
             "official", False).
-        max_train_timestep: stage-2 training draws ``t ~ U{0, ..., max_train_timestep}`` (paper: 999);
-            from scratch, training on the timesteps that inference visits (up to ``noise_timestep``).
+        max_train_timestep: with ``train_timesteps="uniform"``, stage-2 training draws
+            ``t ~ U{0, ..., max_train_timestep}`` (paper: 999).
         train_timesteps: ``"uniform"`` (paper: ``t ~ U{0, ..., max_train_timestep}``) or ``"sampler"``
             (``t`` drawn from the sampler's own DDIM timesteps, the only ones inference evaluates).
         guidance_scale: classifier-free guidance with the same empty prompt and hint as the

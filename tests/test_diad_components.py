@@ -183,9 +183,12 @@ def test_from_scratch_defaults_train_the_whole_unet_on_the_inference_timesteps(m
     assert official.train_timesteps == "uniform" and not official.sampler.set_alpha_to_one
     for model, expected in ((scratch, {300, 150}), (DiADModel(**TINY, max_train_timestep=300), set(range(301)))):
         drawn = []
-        monkeypatch.setattr(
-            model.sampler, "add_noise", lambda latents, noise, timesteps, drawn=drawn: drawn.append(timesteps) or latents
-        )
+
+        def record(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, drawn: list = drawn) -> torch.Tensor:
+            drawn.append(timesteps)
+            return latents
+
+        monkeypatch.setattr(model.sampler, "add_noise", record)
         model.train()
         for _ in range(20):
             model.diffusion_training_forward(torch.randn(4, 3, 128, 128))

@@ -5,10 +5,12 @@
         --variants '{"name": "t_s=500", "noise_timestep": 500}' '{"name": "paper sigma", "sigma": 5.0}'
 
 Each variant changes only how the trained model reconstructs and scores (``noise_timestep``,
-``ddim_steps``, ``ddim_schedule``, ``set_alpha_to_one``, ``posterior``, ``sigma``, ``score_pool_size``), never its weights,
-and is tested with anomalib's metrics per category. The per-category score statistics are kept:
-standardising is monotone per category, so per-category metrics do not depend on them. Prints a
-table of the mean image and pixel AUROC and writes ``ablation.json`` to ``--output``.
+``ddim_steps``, ``ddim_schedule``, ``set_alpha_to_one``, ``posterior``, ``sigma``, ``score_pool_size``),
+never its weights, and is tested with anomalib's metrics per category (a model trained with
+``train_timesteps="sampler"`` saw only its own sampler's timesteps: other steps or starts test it
+off its training). The per-category score statistics are kept: standardising is monotone per
+category, so per-category metrics do not depend on them. Prints a table of the mean image and
+pixel AUROC and writes ``ablation.json`` to ``--output``.
 """
 
 from __future__ import annotations
