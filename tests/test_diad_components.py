@@ -182,18 +182,20 @@ def test_from_scratch_defaults_train_the_whole_unet_on_the_inference_timesteps(m
     )
     assert official.train_timesteps == "uniform" and not official.sampler.set_alpha_to_one
     for model, expected in ((scratch, {300, 150}), (DiADModel(**TINY, max_train_timestep=300), set(range(301)))):
-        drawn = []
-
-        def record(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, drawn: list = drawn) -> torch.Tensor:
-            drawn.append(timesteps)
-            return latents
-
-        monkeypatch.setattr(model.sampler, "add_noise", record)
-        model.train()
-        for _ in range(20):
-            model.diffusion_training_forward(torch.randn(4, 3, 128, 128))
-        drawn = set(torch.cat(drawn).tolist())
+        drawn = _drawn_training_timesteps(model, monkeypatch)
         assert drawn <= expected and len(drawn) >= min(len(expected), 40)
+
+
+def _drawn_training_timesteps(model: DiADModel, monkeypatch: pytest.MonkeyPatch, steps: int = 20) -> set[int]:
+    """The timesteps that ``steps`` stage-2 training passes of ``model`` (batches of 4) noise their latents to."""
+    drawn = []
+    monkeypatch.setattr(
+        model.sampler, "add_noise", lambda latents, noise, timesteps: drawn.append(timesteps) or latents
+    )
+    model.train()
+    for _ in range(steps):
+        model.diffusion_training_forward(torch.randn(4, 3, 128, 128))
+    return set(torch.cat(drawn).tolist())
 
 
 def test_trainable_parameters_per_stage() -> None:
@@ -407,4 +409,3 @@ def test_sd15_architecture_has_the_official_parameter_counts() -> None:
         network = SemanticGuidedNetwork(unet, (16, 32, 96, 256))
     assert (millions(unet), millions(autoencoder)) == (859.52, 83.65)
     assert (millions(network.controlnet), millions(network.sff)) == (361.28, 110.59)
-
