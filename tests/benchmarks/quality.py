@@ -127,6 +127,7 @@ def run_onenip(args: argparse.Namespace, work: Path) -> dict[str, dict[str, floa
     snapshots = EpochSnapshots(args.onenip_curve_epochs)
     results, engine = _fit_and_test(model, datamodule, args.onenip_epochs, work / "onenip", callbacks=[snapshots],
                                     precision=args.onenip_precision)
+    engine.trainer.save_checkpoint(work / "onenip" / "onenip.ckpt")  # the model of the score study (detection.py)
     final = _onenip_rows(model, datamodule, results, args.categories)
     curve = {args.onenip_epochs: {"per_category": final, "train_wall_s": snapshots.train_wall_s}}
     for epoch, (state, wall) in sorted(snapshots.states.items()):
@@ -164,7 +165,8 @@ def run_diad(args: argparse.Namespace, work: Path) -> dict[str, dict[str, dict[s
     start = time.perf_counter()
     model = DiAD(**common, stage="diffusion", autoencoder_checkpoint=str(stage1_checkpoint),
                  **json.loads(args.diad_options))
-    results, _ = _fit_and_test(model, _datamodule(args, args.categories), stage2_epochs, work / "diad_stage2")
+    results, engine = _fit_and_test(model, _datamodule(args, args.categories), stage2_epochs, work / "diad_stage2")
+    engine.trainer.save_checkpoint(work / "diad_stage2" / "diad.ckpt")  # the model of the score study (detection.py)
     walls["stage2"] = time.perf_counter() - start
     (work / "diad_stage_wall_s.json").write_text(json.dumps(walls))
     return {"DiAD": _per_category(results, args.categories), **rows}
