@@ -13,7 +13,8 @@ subset. Every model is evaluated with the same anomalib metrics (image AUROC and
 AUPRO, per category); for OneNIP also the pixel AUROC of its refiner's own map ``S = sigmoid(refiner logits)``
 (``refiner_pixel_AUROC``), which shows whether the refiner learned. Writes ``quality.json``, ``quality.md`` (a
 table) and ``quality.png`` (a plot) to ``--output``, with each model's settings, wall time and the process's
-peak RSS.
+peak RSS; the trained OneNIP and DiAD stage 2 are kept as ``runs/onenip/onenip.ckpt`` and
+``runs/diad_stage2/diad.ckpt`` under ``--output``.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def run_onenip(args: argparse.Namespace, work: Path) -> dict[str, dict[str, floa
     snapshots = EpochSnapshots(args.onenip_curve_epochs)
     results, engine = _fit_and_test(model, datamodule, args.onenip_epochs, work / "onenip", callbacks=[snapshots],
                                     precision=args.onenip_precision)
-    engine.trainer.save_checkpoint(work / "onenip" / "onenip.ckpt")  # the model of the score study (detection.py)
+    engine.trainer.save_checkpoint(work / "onenip" / "onenip.ckpt")  # for evaluation-side studies of this model
     final = _onenip_rows(model, datamodule, results, args.categories)
     curve = {args.onenip_epochs: {"per_category": final, "train_wall_s": snapshots.train_wall_s}}
     for epoch, (state, wall) in sorted(snapshots.states.items()):
@@ -166,7 +167,7 @@ def run_diad(args: argparse.Namespace, work: Path) -> dict[str, dict[str, dict[s
     model = DiAD(**common, stage="diffusion", autoencoder_checkpoint=str(stage1_checkpoint),
                  **json.loads(args.diad_options))
     results, engine = _fit_and_test(model, _datamodule(args, args.categories), stage2_epochs, work / "diad_stage2")
-    engine.trainer.save_checkpoint(work / "diad_stage2" / "diad.ckpt")  # the model of the score study (detection.py)
+    engine.trainer.save_checkpoint(work / "diad_stage2" / "diad.ckpt")  # for evaluation-side studies of this model
     walls["stage2"] = time.perf_counter() - start
     (work / "diad_stage_wall_s.json").write_text(json.dumps(walls))
     return {"DiAD": _per_category(results, args.categories), **rows}
