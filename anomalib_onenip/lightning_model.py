@@ -38,6 +38,7 @@ from torchvision.transforms import v2
 from anomalib_multiclass.backbone import load_pretrained_backbone
 from anomalib_multiclass.components import NotFittedError, UnifiedModelComponents
 from anomalib_multiclass.datamodule import list_normal_images, read_rgb_image
+from anomalib_multiclass.patch_memory import leave_own_image_out_scores, patch_descriptors
 from anomalib_onenip.anomaly_generator import OneNIPAnomalyGenerator
 from anomalib_onenip.loss import OneNIPLoss
 from anomalib_onenip.torch_model import OneNIPModel
@@ -47,6 +48,9 @@ logger = logging.getLogger(__name__)
 LR_SCHEDULES = ("step", "warmup_cosine", "warmup_step")
 PERLIN_TEXTURES = ("noise", "other_categories")
 REFINER_SCALE_CALIBRATIONS = ("normal", "synthetic")
+# random patch descriptors of each training image kept for the patch memory: bounds the cache (MVTec AD's 3,629
+# images at 256 px: about 0.2 GB in fp16) while a category of 128 images still fills a 16,384-patch memory
+PATCHES_KEPT_PER_IMAGE = 128
 
 
 class OneNIP(UnifiedModelComponents, AnomalibModule):
@@ -73,6 +77,12 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
         normalize_per_category: standardise each category's map and score with statistics of its
             normal training images, so that one threshold serves all categories (per-category
             metrics are unchanged); False outputs the paper's raw fused map.
+        patch_score_weight: weight ``w`` of PatchCore-style nearest-neighbour evidence in the image score,
+            ``(1 - w) * map score + w * patch score``, both standardised per category on normal training images
+            (0: the paper's map score alone). The patch memory holds ``patch_memory_size`` random normal patch
+            descriptors per category (the backbone's last two taps); it needs no training and is built when
+            training starts (and by :meth:`add_category`). The anomaly map is unchanged.
+        patch_memory_size: patch descriptors kept per category (see ``patch_score_weight``).
         anomaly_source_path: texture folder for Perlin anomalies (paper: DTD); None uses ``perlin_textures``.
         perlin_textures: without ``anomaly_source_path``, the Perlin anomalies' textures: ``"noise"``
             (anomalib's Perlin-noise textures, grey blobs) or ``"other_categories"`` (the normal training
@@ -136,6 +146,8 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
         reconstruction_weight: float = 0.5,
         score_pool_size: int = 16,
         normalize_per_category: bool = True,
+        patch_score_weight: float = 0.0,
+        patch_memory_size: int = 16384,
         anomaly_source_path: str | None = None,
         perlin_textures: str = "noise",
         cutpaste_probability: float = 0.5,
@@ -201,6 +213,8 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
             reconstruction_weight=reconstruction_weight,
             score_pool_size=score_pool_size,
             normalize_per_category=normalize_per_category,
+            patch_score_weight=patch_score_weight,
+            patch_memory_size=patch_memory_size,
         )
         if refiner_prior is not None:
             self.model.refiner.set_prior(refiner_prior)
@@ -214,6 +228,8 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
         self._cached_rows: dict[str, tuple[str, int]] = {}
         # category -> training image files, in the order of _prompt_features[category]
         self._training_image_paths: dict[str, list[str]] = {}
+        # category -> PATCHES_KEPT_PER_IMAGE random patch descriptors per training image [N_c, k, C'] (fp16)
+        self._kept_patches: dict[str, torch.Tensor] = {}
         # (category, calibration files) -> backbone features of their synthetic twins (synthetic kappa calibration)
         self._synthetic_twin_cache: dict[tuple[str, tuple[str, ...]], list[torch.Tensor]] = {}
         self._prompt_bank_outdated = False
@@ -311,6 +327,8 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
         self.cache_training_features(in_order, reuse_for_queries=self.hparams.reuse_cached_query_features and not augmented)
         if self.hparams.perlin_textures == "other_categories":
             self.anomaly_generator.use_category_textures(self._training_image_paths)
+        if self.model.patch_score_weight > 0:
+            self.build_patch_memory()
         counts = ", ".join(f"{name}: {len(features)}" for name, features in self._prompt_features.items())
         logger.info("OneNIP prompt pool cached (%s).", counts)
 
@@ -324,19 +342,25 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
         without random augmentations). Only the synthetic-anomaly twins then go through the backbone.
         """
         features: dict[str, list[torch.Tensor]] = {}
+        kept_patches: dict[str, list[torch.Tensor]] = {}
         paths: dict[str, list[str]] = {}
         self.model.feature_extractor.eval()
+        generator = torch.Generator().manual_seed(0)
         for batch in track(dataloader, description="OneNIP: caching training features", transient=True):
-            images = self._pre_process(batch.image.to(self.device))
-            batch_features = self.model.extract_features(images).cpu()
+            taps = self.model.backbone_taps(self._pre_process(batch.image.to(self.device)))
+            batch_features = self.model.combine_taps(taps).cpu()
+            batch_kept = self._keep_patches(patch_descriptors(taps), generator) if self.model.patch_score_weight else None
             batch_paths = getattr(batch, "image_path", None) or [None] * len(batch_features)
-            for category, path, feature in zip(self._batch_categories(batch), batch_paths, batch_features, strict=True):
-                features.setdefault(category, []).append(feature)
+            for row, (category, path) in enumerate(zip(self._batch_categories(batch), batch_paths, strict=True)):
+                features.setdefault(category, []).append(batch_features[row])
                 paths.setdefault(category, []).append(path)
+                if batch_kept is not None:
+                    kept_patches.setdefault(category, []).append(batch_kept[row])
         if not features:
             msg = "The training set is empty: OneNIP needs normal training images of every category."
             raise ValueError(msg)
         self._prompt_features = {category: torch.stack(values) for category, values in sorted(features.items())}
+        self._kept_patches = {category: torch.stack(values) for category, values in kept_patches.items()}
         self.category_names = sorted(self._prompt_features)
         self._training_image_paths = {
             category: [str(path) for path in category_paths if path is not None] for category, category_paths in paths.items()
@@ -393,6 +417,48 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
             pool = self._prompt_features[category]
             prompts.append(pool[torch.randint(len(pool), ()).item()])
         return torch.stack(prompts)
+
+    # ----------------------------------------------------------------------------------- patch memory
+    @staticmethod
+    def _keep_patches(descriptors: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """``PATCHES_KEPT_PER_IMAGE`` random rows of each image's patch descriptors ``[B, P, C']``: ``[B, k, C']`` (fp16)."""
+        descriptors = descriptors.cpu()
+        count = min(PATCHES_KEPT_PER_IMAGE, descriptors.shape[1])
+        rows = torch.stack([torch.randperm(descriptors.shape[1], generator=generator)[:count] for _ in descriptors])
+        return torch.gather(descriptors, 1, rows.unsqueeze(-1).expand(-1, -1, descriptors.shape[-1])).half()
+
+    @torch.no_grad()
+    def build_patch_memory(self) -> None:
+        """Store every category's patch memory and the statistics of its patch score (see ``patch_score_weight``).
+
+        The memory is drawn from the patches kept while caching the training features; the statistics come
+        from up to ``calibration_images_per_category`` training images (evenly spaced, read again at full
+        patch resolution), each scored against the memory without its own patches. The backbone is frozen, so
+        this runs once per training run.
+        """
+        for index, name in enumerate(self.category_names):
+            paths = self._training_image_paths.get(name, [])
+            if len(paths) != len(self._kept_patches[name]):
+                msg = f"The patch memory needs the training image files of category '{name}' (the batches' image_path)."
+                raise RuntimeError(msg)
+            rows = self._calibration_rows(len(paths))
+            _, descriptors = self._image_features([Path(paths[row]) for row in rows], with_patches=True)
+            self._store_patch_memory(index, self._kept_patches[name], descriptors, rows)
+        logger.info("OneNIP patch memory built (%d patches per category).", self.model.patch_memory.size)
+
+    def _store_patch_memory(self, index: int, kept: torch.Tensor, calibration: torch.Tensor, rows: torch.Tensor) -> None:
+        """Category ``index``'s memory from its kept patches ``[n, k, C']`` and statistics from the full descriptors
+        ``[m, P, C']`` of its training images number ``rows [m]``."""
+        count, per_image, channels = kept.shape
+        owners = torch.arange(count).repeat_interleave(per_image)
+        memory, memory_owners = self.model.patch_memory.sample(kept.reshape(-1, channels).float(), owners)
+        scores = leave_own_image_out_scores(calibration.float(), rows, memory, memory_owners)
+        self.model.patch_memory.set_category(index, memory.to(self.device), scores.to(self.device))
+
+    def _calibration_rows(self, count: int) -> torch.Tensor:
+        """Up to ``calibration_images_per_category`` of ``count`` rows, evenly spaced: ``[m]``."""
+        chosen = min(count, self.hparams.calibration_images_per_category)
+        return torch.linspace(0, count - 1, chosen).round().long()
 
     def on_train_epoch_end(self) -> None:
         """Refresh the prompt bank so that every checkpoint holds one that matches its weights."""
@@ -485,7 +551,7 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
             )
             raise ValueError(msg)
         paths = list_normal_images(images)
-        features = self._image_features(paths)
+        features, descriptors = self._image_features(paths, with_patches=self.model.patch_score_weight > 0)
         index = self.category_names.index(name) if name in self.category_names else len(self.category_names)
         was_training = self.model.training
         self.model.eval()
@@ -498,24 +564,37 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
             refiner_scale = self.model.refiner_scale = torch.cat([refiner_scale, refiner_scale.new_zeros(1)])
         refiner_scale[index] = scale
         self.model.score_statistics.set_row(index, self._calibration_scores(pools)[0])
+        if descriptors is not None:
+            kept = self._keep_patches(descriptors, torch.Generator().manual_seed(0))
+            rows = self._calibration_rows(len(descriptors))
+            self._store_patch_memory(index, kept, descriptors[rows], rows)
         if index == len(self.category_names):
             self.category_names.append(name)
         self.model.train(was_training)
         logger.info("OneNIP: category '%s' added from %d normal images (index %d).", name, len(features), index)
 
     @torch.no_grad()
-    def _image_features(self, paths: Sequence[Path], chunk_size: int = 16) -> torch.Tensor:
-        """Backbone features ``[n, C, h, w]`` (on the CPU) of image files, pre-processed as in training.
+    def _image_features(
+        self,
+        paths: Sequence[Path],
+        with_patches: bool = False,
+        chunk_size: int = 16,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Backbone features ``[n, C, h, w]`` of image files, pre-processed as in training, and with ``with_patches``
+        their patch descriptors ``[n, P, C']`` (else None), on the CPU.
 
         Each image is resized on its own, so sizes may differ a little (see :func:`list_normal_images`).
         """
         self.model.feature_extractor.eval()
-        features = []
+        features, descriptors = [], []
         for start in range(0, len(paths), chunk_size):
             chunk = paths[start : start + chunk_size]
             images = torch.cat([self._pre_process(read_rgb_image(str(path)).unsqueeze(0).to(self.device)) for path in chunk])
-            features.append(self.model.extract_features(images).cpu())
-        return torch.cat(features)
+            taps = self.model.backbone_taps(images)
+            features.append(self.model.combine_taps(taps).cpu())
+            if with_patches:
+                descriptors.append(patch_descriptors(taps).cpu())
+        return torch.cat(features), torch.cat(descriptors) if with_patches else None
 
     def _category_prompts(self, features: torch.Tensor) -> torch.Tensor:
         """The ``prompts_per_category`` representative rows of one category's features ``[n, C, h, w]``."""
@@ -554,8 +633,7 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
         depend on when the calibration runs. The backbone is frozen, so the features are computed once per
         training run and reused at every epoch's calibration.
         """
-        count = min(len(paths), self.hparams.calibration_images_per_category)
-        chosen = [paths[row] for row in torch.linspace(0, len(paths) - 1, count).round().long().tolist()]
+        chosen = [paths[row] for row in self._calibration_rows(len(paths)).tolist()]
         key = (name, tuple(chosen))
         if key in self._synthetic_twin_cache:
             return self._synthetic_twin_cache[key]
@@ -603,8 +681,7 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
         ``calibration_images_per_category`` of them, evenly spaced, are used.
         """
         for index, pool in pools:
-            count = min(len(pool), self.hparams.calibration_images_per_category)
-            subset = pool[torch.linspace(0, len(pool) - 1, count).round().long()]
+            subset = pool[self._calibration_rows(len(pool))]
             for features in subset.split(chunk_size):
                 yield features.to(self.device), torch.full((len(features),), index, device=self.device)
 

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from anomalib_multiclass.backbone import build_feature_extractor
+from anomalib_multiclass.patch_memory import PatchMemory, patch_descriptors
 from anomalib_multiclass.score_statistics import CategoryScoreStatistics
 from anomalib_onenip.components import PromptBank, PromptGuidedTransformer, Refiner
 
@@ -56,6 +57,10 @@ class OneNIPModel(nn.Module):
         score_pool_size: average-pooling window of the image score (paper: 16).
         normalize_per_category: standardise map and score with the chosen prompt's category
             statistics (see :meth:`predict`); False returns the paper's raw fused map.
+        patch_score_weight: weight ``w`` of the patch nearest-neighbour evidence in the image score,
+            ``(1 - w) * map score + w * patch score``, both standardised per category (0: the paper's map score
+            alone; needs ``normalize_per_category``). The anomaly map is the fused map either way.
+        patch_memory_size: normal patch descriptors kept per category for that evidence (see :class:`PatchMemory`).
     """
 
     # state-dict keys of the per-category statistics before they moved out of the prompt bank
@@ -80,6 +85,8 @@ class OneNIPModel(nn.Module):
         reconstruction_weight: float = 0.5,
         score_pool_size: int = 16,
         normalize_per_category: bool = True,
+        patch_score_weight: float = 0.0,
+        patch_memory_size: int = 16384,
     ) -> None:
         super().__init__()
         self.feature_extractor = build_feature_extractor(backbone, layers).requires_grad_(False)
@@ -120,9 +127,26 @@ class OneNIPModel(nn.Module):
         self.reconstruction_weight = reconstruction_weight
         self.score_pool_size = score_pool_size
         self.normalize_per_category = normalize_per_category
+        if not 0 <= patch_score_weight <= 1:
+            msg = f"patch_score_weight must lie in [0, 1], got {patch_score_weight}."
+            raise ValueError(msg)
+        if patch_score_weight > 0 and not normalize_per_category:
+            msg = "patch_score_weight > 0 adds standardised scores: it needs normalize_per_category=True."
+            raise ValueError(msg)
+        self.patch_score_weight = patch_score_weight
+        self.patch_memory = PatchMemory(patch_memory_size)
 
     def extract_features(self, images: torch.Tensor) -> torch.Tensor:
         """Frozen backbone taps resized (bilinear, ``align_corners=True``) to ``(h, w)`` and concatenated: ``[B, C, h, w]``."""
+        return self.combine_taps(self.backbone_taps(images))
+
+    def combine_taps(self, taps: list[torch.Tensor]) -> torch.Tensor:
+        """Backbone taps ``[B, C_i, h_i, w_i]`` resized to ``(h, w)`` and concatenated: ``[B, C, h, w]``."""
+        resized = [F.interpolate(tap, size=self.feature_size, mode="bilinear", align_corners=True) for tap in taps]
+        return torch.cat(resized, dim=1)
+
+    def backbone_taps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The frozen backbone's taps ``[B, C_i, h_i, w_i]`` of normalised images ``[B, 3, H, W]``."""
         if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != self.input_size:
             msg = (
                 f"OneNIP expects normalised RGB images [B, 3, {self.input_size[0]}, {self.input_size[1]}], got "
@@ -130,12 +154,7 @@ class OneNIPModel(nn.Module):
                 "pre-processor resizes)."
             )
             raise ValueError(msg)
-        features = self.feature_extractor(images)
-        resized = [
-            F.interpolate(feature, size=self.feature_size, mode="bilinear", align_corners=True)
-            for feature in features.values()
-        ]
-        return torch.cat(resized, dim=1)
+        return list(self.feature_extractor(images).values())
 
     @staticmethod
     def global_features(features: torch.Tensor) -> torch.Tensor:
@@ -279,14 +298,23 @@ class OneNIPModel(nn.Module):
         mean and standard deviation of the chosen prompt's category on normal training images,
         ``(A - mean_c) / std_c``: one monotone map per category, so per-category metrics equal
         those of the raw map, while scores of different categories become comparable for one
-        shared threshold.
+        shared threshold. With ``patch_score_weight = w > 0`` the image score is
+        ``(1 - w) * map score + w * patch score`` (:class:`PatchMemory`, the prompt's category).
         """
         if self.prompt_bank.is_empty:
             msg = "OneNIP has no prompt bank yet: train the model (or load a trained checkpoint) before inference."
             raise RuntimeError(msg)
-        anomaly_map, prompt_category = self.fused_map(self.extract_features(images), category_index)
+        taps = self.backbone_taps(images)
+        anomaly_map, prompt_category = self.fused_map(self.combine_taps(taps), category_index)
         anomaly_map = self.standardized(anomaly_map, prompt_category)
-        return InferenceBatch(pred_score=self.image_score(anomaly_map), anomaly_map=anomaly_map)
+        score = self.image_score(anomaly_map)
+        if self.patch_score_weight > 0:
+            if self.patch_memory.is_empty:
+                msg = "OneNIP has no patch memory for patch_score_weight > 0: train the model (or add its categories)."
+                raise RuntimeError(msg)
+            patch_score = self.patch_memory(patch_descriptors(taps), prompt_category)
+            score = (1 - self.patch_score_weight) * score + self.patch_score_weight * patch_score
+        return InferenceBatch(pred_score=score, anomaly_map=anomaly_map)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
         """Resize ``refiner_scale`` to the stored one; read checkpoints of earlier layouts.

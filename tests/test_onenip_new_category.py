@@ -77,7 +77,7 @@ def test_known_categories_are_unchanged_and_the_new_one_is_calibrated(
     assert torch.equal(after.model.refiner_scale[:2], before.model.refiner_scale)
 
     # the new category's constants come from its training images as training computes them for the others
-    features = after._image_features(sorted((tiny_dataset / NEW / "train" / "good").iterdir()))  # noqa: SLF001
+    features, _ = after._image_features(sorted((tiny_dataset / NEW / "train" / "good").iterdir()))  # noqa: SLF001
     index = torch.full((len(features),), 2)
     with torch.no_grad():
         prompt, chosen = bank.select(after.model.global_features(features), index)

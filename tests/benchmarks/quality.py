@@ -81,7 +81,8 @@ def onenip_model(args: argparse.Namespace) -> OneNIP:
     """The model of configs/onenip/real_ad_lite0.yaml (at --input-size); --onenip-options overrides for ablations."""
     options = {"hidden_dim": 128, "num_encoder_layers": 2, "num_decoder_layers": 2, "dim_feedforward": 512, "lr": 1e-3,
                "refiner_pixel_weight": 1.0, "refiner_focal_gamma": 2.0, "refiner_scale_calibration": "synthetic",
-               "lr_schedule": "warmup_step", **json.loads(args.onenip_options)}
+               "lr_schedule": "warmup_step", "patch_score_weight": 0.75, "patch_memory_size": 16384,
+               **json.loads(args.onenip_options)}
     return OneNIP(backbone=args.backbone, weights_path=args.weights_path, input_size=(args.input_size,) * 2, **options)
 
 
