@@ -12,7 +12,8 @@ For each held-out category ``c`` of ``--categories``: one unified OneNIP is trai
   replaying the other categories; the other categories' metrics before and after it show what is forgotten.
 
 On ``c``'s test set these are compared with a unified OneNIP trained on all categories from the start,
-and with anomalib's PatchCore and PaDiM trained on ``c`` alone (``quality.py``'s settings). Every entry
+and with anomalib's PatchCore and PaDiM trained on ``c`` alone (``quality.py``'s settings; ``--baselines``
+takes all three from a ``quality.json`` of the same categories instead of training them again). Every entry
 records its wall time (training, or adding). Writes ``new_category.json``, ``new_category.md`` and
 ``new_category.png`` (image AUROC and pixel AUPRO against the number of images) to ``--output``; a rerun
 with the same settings keeps what ``new_category.json`` holds and measures the rest.
@@ -109,6 +110,24 @@ def baselines(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return report
 
 
+def stored_baselines(path: Path, categories: list[str]) -> dict[str, Any]:
+    """The unified OneNIP, PatchCore and PaDiM rows of a ``quality.py`` report of ``categories``."""
+    models = json.loads(path.read_text())["models"]
+    report = {}
+    for name, key in (("unified", "OneNIP"), ("PatchCore", "PatchCore"), ("PaDiM", "PaDiM")):
+        per_category = models[key]["per_category"]
+        missing = sorted(set(categories) - set(per_category))
+        if missing:
+            msg = f"{path} has no {key} results for {missing}: run quality.py on every category of --categories."
+            raise ValueError(msg)
+        report[name] = {"per_category": {category: per_category[category] for category in categories}}
+        if name == "unified":
+            report[name]["wall_s"] = models[key]["wall_s"]
+        else:
+            report[name]["wall_s_per_category"] = models[key]["wall_s"] / len(per_category)
+    return report
+
+
 def markdown(report: dict[str, Any]) -> str:
     columns = ["image_AUROC", "pixel_AUROC", "pixel_AUPR", "pixel_AUPRO"]
     lines = [f"Machine: {report['machine']}. Settings: {json.dumps(report['settings'])}", "",
@@ -171,6 +190,9 @@ def main() -> None:
     parser.add_argument("--adapt-epochs", type=int, default=2)
     parser.add_argument("--image-counts", type=int, nargs="+", default=[1, 5, 20])
     parser.add_argument("--onenip-options", default="{}", help="further OneNIP arguments as JSON")
+    parser.add_argument("--held-out", nargs="+", default=None, help="categories to hold out (default: each of them)")
+    parser.add_argument("--baselines", default=None,
+                        help="quality.json of --categories: its OneNIP, PatchCore and PaDiM rows instead of new runs")
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--seed", type=int, default=133)
     parser.add_argument("--output", default="new_category", help="folder for new_category.json, .md and .png")
@@ -190,9 +212,10 @@ def main() -> None:
         stored = json.loads(previous.read_text())
         report["baselines"], report["held_out"] = stored["baselines"], stored["held_out"]
     else:
-        report["baselines"] = baselines(args, output / "runs")
+        report["baselines"] = (stored_baselines(Path(args.baselines), args.categories) if args.baselines
+                               else baselines(args, output / "runs"))
         previous.write_text(json.dumps(report, indent=2))
-    for category in args.categories:
+    for category in args.held_out or args.categories:
         if category in report["held_out"]:
             continue
         report["held_out"][category] = held_out(args, category, output / "runs" / category)
