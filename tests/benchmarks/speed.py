@@ -65,7 +65,10 @@ def onenip_official(model: OneNIPModel, images: torch.Tensor, prompt_images: tor
 
 
 def build_onenip(backbone: str, input_size: int, categories: int, device: str) -> tuple[OneNIPModel, torch.Tensor]:
-    """A OneNIP whose prompt bank holds one random prompt image per category; returns the model and those images."""
+    """A OneNIP whose prompt bank, score statistics and refiner scales hold one random entry per category.
+
+    Returns the model and its prompt images.
+    """
     model = OneNIPModel(backbone=backbone, input_size=(input_size, input_size)).eval().to(device)
     prompt_images = torch.rand(categories, 3, input_size, input_size, device=device)
     with torch.no_grad():
@@ -74,6 +77,7 @@ def build_onenip(backbone: str, input_size: int, categories: int, device: str) -
                                 torch.arange(categories, device=device))
         model.score_statistics.mean = torch.rand(categories, device=device)
         model.score_statistics.std = 1 + torch.rand(categories, device=device)
+        model.refiner_scale = 1 + torch.rand(categories, device=device)
     return model, prompt_images
 
 
