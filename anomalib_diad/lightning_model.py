@@ -46,6 +46,7 @@ from anomalib_diad.components.diffusers_models import (
 from anomalib_diad.loss import AutoencoderLoss, DiffusionLoss
 from anomalib_diad.torch_model import DiADModel
 from anomalib_multiclass.components import UnifiedModelComponents, training_images_in_order
+from anomalib_multiclass.patch_memory import category_memory, keep_random_patches
 from anomalib_multiclass.backbone import load_pretrained_backbone
 
 logger = logging.getLogger(__name__)
@@ -122,9 +123,10 @@ class DiAD(UnifiedModelComponents, AnomalibModule):
         sff_init: ``"default"`` (SFF learns) or ``"zero"`` (official; SFF never learns).
         use_sff, inject_levels, train_unet_decoder, train_unet_encoder, ddim_steps, noise_timestep,
             ddim_schedule, set_alpha_to_one, max_train_timestep, train_timesteps, guidance_scale, posterior,
-            sigma, score_pool_size, score_pool_repeats, normalize_per_category, seed: see
+            sigma, score_pool_size, score_pool_repeats, normalize_per_category, patch_score_weight,
+            patch_memory_size, seed: see
             :class:`~anomalib_diad.torch_model.DiADModel` (paper: True, "deepest", True, False, 10, 999,
-            "official", False, 999, "uniform", no-op CFG, "sample", 5 and 8 at 256 px, 8). Those left as None
+            "official", False, 999, "uniform", no-op CFG, "sample", 5 and 8 at 256 px, 8, on, 0, 16384). Those left as None
             take the official values with ``diffusion_weights`` and the from-scratch ones without
             (``FROM_SCRATCH_DEFAULTS``: the whole UNet trains, one truncated DDIM step from t = 300 to the
             clean latent, training on the sampler's timesteps, the posterior mode); sigma and pooling scale
@@ -138,8 +140,8 @@ class DiAD(UnifiedModelComponents, AnomalibModule):
         accumulate_grad_batches: gradient accumulation; None uses the official 8 / 4.
         kl_weight, perceptual_weight: stage-1 loss weights (see :class:`~anomalib_diad.loss.AutoencoderLoss`).
         calibration_images_per_category: normal training images per category for the score
-            statistics of ``normalize_per_category`` (the first ones in dataset order, the same on every
-            DDP rank).
+            statistics of ``normalize_per_category`` and of the patch score (the first ones in dataset order,
+            the same on every DDP rank).
         pre_processor, post_processor, evaluator, visualizer: anomalib components.
     """
 
@@ -171,6 +173,8 @@ class DiAD(UnifiedModelComponents, AnomalibModule):
         score_pool_size: int | None = None,
         score_pool_repeats: int = 8,
         normalize_per_category: bool = True,
+        patch_score_weight: float = 0.0,
+        patch_memory_size: int = 16384,
         seed: int = 0,
         scale_by_std: bool | None = None,
         lr: float | None = None,
@@ -237,6 +241,8 @@ class DiAD(UnifiedModelComponents, AnomalibModule):
             score_pool_size=score_pool_size,
             score_pool_repeats=score_pool_repeats,
             normalize_per_category=normalize_per_category,
+            patch_score_weight=patch_score_weight,
+            patch_memory_size=patch_memory_size,
             seed=seed,
         )
         self.scale_by_std = defaults["scale_by_std"]
@@ -460,12 +466,18 @@ class DiAD(UnifiedModelComponents, AnomalibModule):
         """Mean and std of the raw image score of up to ``calibration_images_per_category`` training images per category.
 
         Only training (normal) images are used, the first ones of each category in ``dataloader``'s order
-        (training reads them in dataset order, unsharded); the statistics live in the model's state dict.
+        (training reads them in dataset order, unsharded); the statistics live in the model's state dict. With
+        ``patch_score_weight > 0`` the same pass builds the patch memory from every training image and the
+        statistics of the patch score from the same calibration images (each without its own patches).
         """
         was_training = self.model.training
         self.model.eval()
         limit = self.hparams.calibration_images_per_category
+        with_patches = self.model.patch_score_weight > 0
+        generator = torch.Generator().manual_seed(0)
         scores: dict[str, list[torch.Tensor]] = {}
+        kept: dict[str, list[torch.Tensor]] = {}
+        calibration: dict[str, list[tuple[int, torch.Tensor]]] = {}
         for batch in dataloader:
             categories = self._batch_categories(batch)
             counts = {name: len(values) for name, values in scores.items()}
@@ -474,6 +486,12 @@ class DiAD(UnifiedModelComponents, AnomalibModule):
                 if counts.get(name, 0) < limit:
                     keep.append(index)
                     counts[name] = counts.get(name, 0) + 1
+            if with_patches:
+                descriptors = self.model.patch_descriptors(self._pre_process(batch.image.to(self.device))).cpu()
+                for index, (name, patches) in enumerate(zip(categories, keep_random_patches(descriptors, generator), strict=True)):
+                    kept.setdefault(name, []).append(patches)
+                    if index in keep:
+                        calibration.setdefault(name, []).append((len(kept[name]) - 1, descriptors[index]))
             if not keep:
                 continue
             images = self._pre_process(batch.image[keep].to(self.device))
@@ -485,6 +503,13 @@ class DiAD(UnifiedModelComponents, AnomalibModule):
             raise ValueError(msg)
         self.category_names = sorted(scores)
         self.model.score_statistics.store([torch.stack(scores[name]) for name in self.category_names])
+        if with_patches:
+            memories, patch_scores = zip(*(
+                category_memory(self.model.patch_memory, torch.stack(kept[name]),
+                                torch.stack([row for _, row in calibration[name]]),
+                                torch.tensor([image for image, _ in calibration[name]]))
+                for name in self.category_names), strict=True)
+            self.model.patch_memory.store(list(memories), list(patch_scores))
         counts = ", ".join(f"{name}: {len(values)}" for name, values in sorted(scores.items()))
         logger.info("DiAD score statistics from normal training images (%s).", counts)
         self.model.train(was_training)

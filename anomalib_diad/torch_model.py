@@ -21,6 +21,7 @@ from anomalib_diad.components.diffusers_models import (
     build_autoencoder,
     build_unet,
 )
+from anomalib_multiclass.patch_memory import PatchMemory, check_patch_score_weight, patch_descriptors
 from anomalib_multiclass.score_statistics import CategoryScoreStatistics
 
 STAGES = ("autoencoder", "diffusion")
@@ -83,6 +84,11 @@ class DiADModel(nn.Module):
             paper's 5 and 8 at 256 px, scaled with the input size).
         normalize_per_category: standardise map and score with the score statistics of each
             category's normal training images (:class:`~anomalib_multiclass.score_statistics.CategoryScoreStatistics`); False returns the raw map.
+        patch_score_weight: weight ``w`` of the patch nearest-neighbour evidence of the scoring backbone's input
+            features in the image score, ``(1 - w) * map score + w * patch score``, both standardised per category
+            (0: the paper's map score alone; needs ``normalize_per_category``). The anomaly map is unchanged.
+        patch_memory_size: normal patch descriptors kept per category (see
+            :class:`~anomalib_multiclass.patch_memory.PatchMemory`).
         seed: seed of the fixed evaluation noise (posterior sample and ``x_T``), so an image
             always gets the same score, and of the random text context of the small architectures.
     """
@@ -111,6 +117,8 @@ class DiADModel(nn.Module):
         score_pool_size: int | None = None,
         score_pool_repeats: int = 8,
         normalize_per_category: bool = True,
+        patch_score_weight: float = 0.0,
+        patch_memory_size: int = 16384,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -133,6 +141,7 @@ class DiADModel(nn.Module):
         if posterior not in POSTERIORS:
             msg = f"Unknown posterior '{posterior}'. Choose 'sample' (paper) or 'mode'."
             raise ValueError(msg)
+        check_patch_score_weight(patch_score_weight, normalize_per_category)
         config = architecture_config(architecture)
         self.input_size = (height, width)
         self.stage = stage
@@ -150,6 +159,8 @@ class DiADModel(nn.Module):
             backbone, layers, self.input_size, sigma, score_pool_size, score_pool_repeats
         )
         self.score_statistics = CategoryScoreStatistics(pooled_row=True)
+        self.patch_score_weight = patch_score_weight
+        self.patch_memory = PatchMemory(patch_memory_size, pooled_row=True)
         generator = torch.Generator().manual_seed(seed)
         context_shape = (1, config["context_length"], config["unet"]["cross_attention_dim"])
         # The empty-prompt embedding: random for the small architectures, CLIP's for pretrained SD-1.5 (set once).
@@ -326,9 +337,19 @@ class DiADModel(nn.Module):
 
         With ``normalize_per_category`` the map is standardised with the image-score statistics
         of the category's normal training images, ``(A - mean_c) / std_c``: monotone per
-        category (per-category metrics are those of the raw map), and comparable across categories.
+        category (per-category metrics are those of the raw map), and comparable across categories. With
+        ``patch_score_weight = w > 0`` the image score is ``(1 - w) * map score + w * patch score`` (the
+        patch memory of the category, or of all categories without one).
         """
         anomaly_map = self.raw_anomaly_map(images)
         if self.normalize_per_category:
             anomaly_map = self.score_statistics.standardize(anomaly_map, category_index)
-        return InferenceBatch(pred_score=self.anomaly_map.image_score(anomaly_map), anomaly_map=anomaly_map)
+        score = self.anomaly_map.image_score(anomaly_map)
+        if self.patch_score_weight > 0:
+            patches = self.patch_descriptors(images)
+            score = self.patch_memory.weighted_score(score, patches, category_index, self.patch_score_weight)
+        return InferenceBatch(pred_score=score, anomaly_map=anomaly_map)
+
+    def patch_descriptors(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch descriptors ``[B, P, C']`` of images ``[B, 3, H, W]`` from the scoring backbone's last two taps."""
+        return patch_descriptors(list(self.anomaly_map.feature_extractor(images).values()))

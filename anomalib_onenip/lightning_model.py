@@ -38,7 +38,7 @@ from torchvision.transforms import v2
 from anomalib_multiclass.backbone import load_pretrained_backbone
 from anomalib_multiclass.components import NotFittedError, UnifiedModelComponents
 from anomalib_multiclass.datamodule import list_normal_images, read_rgb_image
-from anomalib_multiclass.patch_memory import leave_own_image_out_scores, patch_descriptors
+from anomalib_multiclass.patch_memory import category_memory, keep_random_patches, patch_descriptors
 from anomalib_onenip.anomaly_generator import OneNIPAnomalyGenerator
 from anomalib_onenip.loss import OneNIPLoss
 from anomalib_onenip.torch_model import OneNIPModel
@@ -48,9 +48,6 @@ logger = logging.getLogger(__name__)
 LR_SCHEDULES = ("step", "warmup_cosine", "warmup_step")
 PERLIN_TEXTURES = ("noise", "other_categories")
 REFINER_SCALE_CALIBRATIONS = ("normal", "synthetic")
-# random patch descriptors of each training image kept for the patch memory: bounds the cache (MVTec AD's 3,629
-# images at 256 px: about 0.2 GB in fp16) while a category of 128 images still fills a 16,384-patch memory
-PATCHES_KEPT_PER_IMAGE = 128
 
 
 class OneNIP(UnifiedModelComponents, AnomalibModule):
@@ -349,7 +346,7 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
         for batch in track(dataloader, description="OneNIP: caching training features", transient=True):
             taps = self.model.backbone_taps(self._pre_process(batch.image.to(self.device)))
             batch_features = self.model.combine_taps(taps).cpu()
-            batch_kept = self._keep_patches(patch_descriptors(taps), generator) if self.model.patch_score_weight else None
+            batch_kept = keep_random_patches(patch_descriptors(taps), generator) if self.model.patch_score_weight else None
             batch_paths = getattr(batch, "image_path", None) or [None] * len(batch_features)
             for row, (category, path) in enumerate(zip(self._batch_categories(batch), batch_paths, strict=True)):
                 features.setdefault(category, []).append(batch_features[row])
@@ -419,14 +416,6 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
         return torch.stack(prompts)
 
     # ----------------------------------------------------------------------------------- patch memory
-    @staticmethod
-    def _keep_patches(descriptors: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """``PATCHES_KEPT_PER_IMAGE`` random rows of each image's patch descriptors ``[B, P, C']``: ``[B, k, C']`` (fp16)."""
-        descriptors = descriptors.cpu()
-        count = min(PATCHES_KEPT_PER_IMAGE, descriptors.shape[1])
-        rows = torch.stack([torch.randperm(descriptors.shape[1], generator=generator)[:count] for _ in descriptors])
-        return torch.gather(descriptors, 1, rows.unsqueeze(-1).expand(-1, -1, descriptors.shape[-1])).half()
-
     @torch.no_grad()
     def build_patch_memory(self) -> None:
         """Store every category's patch memory and the statistics of its patch score (see ``patch_score_weight``).
@@ -449,10 +438,7 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
     def _store_patch_memory(self, index: int, kept: torch.Tensor, calibration: torch.Tensor, rows: torch.Tensor) -> None:
         """Category ``index``'s memory from its kept patches ``[n, k, C']`` and statistics from the full descriptors
         ``[m, P, C']`` of its training images number ``rows [m]``."""
-        count, per_image, channels = kept.shape
-        owners = torch.arange(count).repeat_interleave(per_image)
-        memory, memory_owners = self.model.patch_memory.sample(kept.reshape(-1, channels).float(), owners)
-        scores = leave_own_image_out_scores(calibration.float(), rows, memory, memory_owners)
+        memory, scores = category_memory(self.model.patch_memory, kept, calibration, rows)
         self.model.patch_memory.set_category(index, memory.to(self.device), scores.to(self.device))
 
     def _calibration_rows(self, count: int) -> torch.Tensor:
@@ -565,7 +551,7 @@ class OneNIP(UnifiedModelComponents, AnomalibModule):
         refiner_scale[index] = scale
         self.model.score_statistics.set_row(index, self._calibration_scores(pools)[0])
         if descriptors is not None:
-            kept = self._keep_patches(descriptors, torch.Generator().manual_seed(0))
+            kept = keep_random_patches(descriptors, torch.Generator().manual_seed(0))
             rows = self._calibration_rows(len(descriptors))
             self._store_patch_memory(index, kept, descriptors[rows], rows)
         if index == len(self.category_names):

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from anomalib_multiclass.backbone import build_feature_extractor
-from anomalib_multiclass.patch_memory import PatchMemory, patch_descriptors
+from anomalib_multiclass.patch_memory import PatchMemory, check_patch_score_weight, patch_descriptors
 from anomalib_multiclass.score_statistics import CategoryScoreStatistics
 from anomalib_onenip.components import PromptBank, PromptGuidedTransformer, Refiner
 
@@ -127,12 +127,7 @@ class OneNIPModel(nn.Module):
         self.reconstruction_weight = reconstruction_weight
         self.score_pool_size = score_pool_size
         self.normalize_per_category = normalize_per_category
-        if not 0 <= patch_score_weight <= 1:
-            msg = f"patch_score_weight must lie in [0, 1], got {patch_score_weight}."
-            raise ValueError(msg)
-        if patch_score_weight > 0 and not normalize_per_category:
-            msg = "patch_score_weight > 0 adds standardised scores: it needs normalize_per_category=True."
-            raise ValueError(msg)
+        check_patch_score_weight(patch_score_weight, normalize_per_category)
         self.patch_score_weight = patch_score_weight
         self.patch_memory = PatchMemory(patch_memory_size)
 
@@ -309,11 +304,8 @@ class OneNIPModel(nn.Module):
         anomaly_map = self.standardized(anomaly_map, prompt_category)
         score = self.image_score(anomaly_map)
         if self.patch_score_weight > 0:
-            if self.patch_memory.is_empty:
-                msg = "OneNIP has no patch memory for patch_score_weight > 0: train the model (or add its categories)."
-                raise RuntimeError(msg)
-            patch_score = self.patch_memory(patch_descriptors(taps), prompt_category)
-            score = (1 - self.patch_score_weight) * score + self.patch_score_weight * patch_score
+            patches = patch_descriptors(taps)
+            score = self.patch_memory.weighted_score(score, patches, prompt_category, self.patch_score_weight)
         return InferenceBatch(pred_score=score, anomaly_map=anomaly_map)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003

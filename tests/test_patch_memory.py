@@ -157,3 +157,38 @@ def test_openvino_export_keeps_the_patch_score(patch_onenip: tuple, tiny_dataset
     images = np.concatenate(load_images(sorted(tiny_dataset.glob("*/test/*/*.png"))[::4]))
     exported = run_exported(tmp_path / "weights" / "openvino" / "model.xml", images)
     assert_parity(torch_outputs(model, images), exported, map_tolerance=1e-3)
+
+
+def test_without_a_category_every_memory_and_the_pooled_statistics_are_used() -> None:
+    memory = PatchMemory(size=4, pooled_row=True)
+    memory.store([torch.zeros(4, 2), torch.full((4, 2), 10.0)], [torch.tensor([1.0, 3.0]), torch.tensor([5.0, 7.0])])
+    patches = torch.tensor([[[10.0, 10.0]], [[3.0, 4.0]]])  # nearest: category 1 (distance 0), category 0 (5)
+    pooled_mean, pooled_std = torch.tensor([1.0, 3.0, 5.0, 7.0]).mean(), torch.tensor([1.0, 3.0, 5.0, 7.0]).std(correction=0)
+    torch.testing.assert_close(memory(patches, None), (torch.tensor([0.0, 5.0]) - pooled_mean) / pooled_std)
+
+
+def test_diad_builds_its_memory_with_the_score_statistics_and_adds_the_patch_score(tiny_dataset: Path) -> None:
+    from torchvision.transforms.v2 import Resize
+
+    from anomalib_diad import DiAD
+    from anomalib_multiclass import MultiClassAD
+    from anomalib_multiclass.components import training_images_in_order
+
+    model = DiAD(architecture="tiny", input_size=(128, 128), backbone="tf_efficientnet_lite0", layers=[1, 2, 3],
+                 diffusion_weights=None, pre_trained=False, ddim_steps=1, patch_score_weight=0.5, patch_memory_size=64,
+                 calibration_images_per_category=3, visualizer=False)
+    datamodule = MultiClassAD(root=tiny_dataset, categories=["brick", "grass"], eval_batch_size=8, num_workers=0,
+                              augmentations=Resize((128, 128)))
+    datamodule.setup()
+    model.compute_score_statistics(training_images_in_order(datamodule))
+    memory = model.model.patch_memory
+    assert memory.memory.shape == (2, 64, 40 + 112)
+    assert memory.statistics.mean.shape == (3,)  # two categories and the pooled row
+    images = model.pre_processor.transform(next(iter(datamodule.test_dataloader())).image)
+    category = torch.zeros(len(images), dtype=torch.long)
+    torch_model = model.model.eval()
+    with torch.no_grad():
+        output = torch_model(images, category)
+        map_score = torch_model.anomaly_map.image_score(output.anomaly_map)
+        patch_score = memory(torch_model.patch_descriptors(images), category)
+    torch.testing.assert_close(output.pred_score, 0.5 * map_score + 0.5 * patch_score)
