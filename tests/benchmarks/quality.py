@@ -166,7 +166,7 @@ def run_diad(args: argparse.Namespace, work: Path) -> dict[str, dict[str, dict[s
         walls["stage1"] = time.perf_counter() - start
     start = time.perf_counter()
     model = DiAD(**common, stage="diffusion", autoencoder_checkpoint=str(stage1_checkpoint),
-                 **{"patch_score_weight": 0.75, **json.loads(args.diad_options)})
+                 **{"patch_score_weight": 1.0, **json.loads(args.diad_options)})
     results, engine = _fit_and_test(model, _datamodule(args, args.categories), stage2_epochs, work / "diad_stage2")
     engine.trainer.save_checkpoint(work / "diad_stage2" / "diad.ckpt")  # for evaluation-side studies of this model
     walls["stage2"] = time.perf_counter() - start
