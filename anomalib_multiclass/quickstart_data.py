@@ -1,8 +1,9 @@
 """An offline multi-category dataset in MVTec layout, built from texture photos that ship with scikit-image.
 
 Categories are the CC0 texture photos ``brick``, ``grass`` and ``gravel`` (512x512, in the
-scikit-image wheel). Normal images are random crops; the training crops come from the top part
-of each photo and the test crops from the bottom part, so no test pixel was seen in training.
+scikit-image wheel). Normal images are random crops; every training crop lies inside the top
+``train_fraction`` of each photo's rows and every test crop inside the rows below, so no test pixel
+was seen in training. ``crops.csv`` in the dataset root records each image's crop box in its photo.
 Defects are drawn in ways unlike the plugins' training-time synthesis (CutPaste, Perlin
 textures): curved scratches, dark stains and holes, each with its mask.
 """
@@ -28,10 +29,16 @@ def _texture(name: str) -> np.ndarray:
     return np.asarray(getattr(data, name)(), dtype=np.uint8)
 
 
-def _crop(texture: np.ndarray, rng: np.random.Generator, rows: tuple[int, int], size: int) -> np.ndarray:
+def _crop(
+    texture: np.ndarray,
+    rng: np.random.Generator,
+    rows: tuple[int, int],
+    size: int,
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """A random ``size x size`` crop that lies inside ``rows = [first, end)``, and its ``(top, left)``."""
     top = int(rng.integers(rows[0], rows[1] - size + 1))
     left = int(rng.integers(0, texture.shape[1] - size + 1))
-    return texture[top : top + size, left : left + size].astype(np.float32)
+    return texture[top : top + size, left : left + size].astype(np.float32), (top, left)
 
 
 def _scratch(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -91,30 +98,54 @@ def build_quickstart_dataset(
     num_train: int = 60,
     num_test_good: int = 12,
     num_test_per_defect: int = 8,
-    crop_size: int = 256,
+    crop_size: int = 192,
+    train_fraction: float = 0.6,
     seed: int = 0,
 ) -> Path:
-    """Write the dataset to ``root`` (MVTec layout) unless it is already complete; return ``root``."""
+    """Write the dataset to ``root`` (MVTec layout) unless it is already complete; return ``root``.
+
+    Training crops lie in the rows ``[0, split)`` of each photo and test crops in ``[split, height)``, with
+    ``split = int(height * train_fraction)``; both regions must hold a whole crop.
+
+    Raises:
+        ValueError: ``crop_size`` does not fit into one of the two regions.
+    """
     root = Path(root)
     if (root / "README.txt").is_file():
         return root
     rng = np.random.default_rng(seed)
+    boxes = ["path,top,left,size"]
+
+    def save(image: np.ndarray, box: tuple[int, int], relative: str) -> None:
+        _save(image, root / relative)
+        boxes.append(f"{relative},{box[0]},{box[1]},{crop_size}")
+
     for category in categories:
         texture = _texture(category)
-        split_row = int(texture.shape[0] * 0.6)
+        split_row = int(texture.shape[0] * train_fraction)
+        if crop_size > min(split_row, texture.shape[0] - split_row) or crop_size > texture.shape[1]:
+            msg = (
+                f"crop_size {crop_size} does not fit into the training rows [0, {split_row}) and the test rows "
+                f"[{split_row}, {texture.shape[0]}) of '{category}' ({texture.shape[0]}x{texture.shape[1]}): "
+                "choose a smaller crop_size or another train_fraction."
+            )
+            raise ValueError(msg)
+        train_rows, test_rows = (0, split_row), (split_row, texture.shape[0])
         for index in range(num_train):
-            _save(_crop(texture, rng, (0, split_row), crop_size), root / category / "train" / "good" / f"{index:03d}.png")
+            crop, box = _crop(texture, rng, train_rows, crop_size)
+            save(crop, box, f"{category}/train/good/{index:03d}.png")
         for index in range(num_test_good):
-            crop = _crop(texture, rng, (split_row - crop_size // 2, texture.shape[0]), crop_size)
-            _save(crop, root / category / "test" / "good" / f"{index:03d}.png")
+            crop, box = _crop(texture, rng, test_rows, crop_size)
+            save(crop, box, f"{category}/test/good/{index:03d}.png")
         for defect in DEFECTS:
             for index in range(num_test_per_defect):
-                crop = _crop(texture, rng, (split_row - crop_size // 2, texture.shape[0]), crop_size)
+                crop, box = _crop(texture, rng, test_rows, crop_size)
                 defective, mask = _DEFECT_MAKERS[defect](crop, rng)
-                _save(defective, root / category / "test" / defect / f"{index:03d}.png")
+                save(defective, box, f"{category}/test/{defect}/{index:03d}.png")
                 mask_path = root / category / "ground_truth" / defect / f"{index:03d}_mask.png"
                 mask_path.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
+    (root / "crops.csv").write_text("\n".join(boxes) + "\n")
     (root / "README.txt").write_text(README)
     logger.info("Quickstart dataset written to %s", root)
     return root
