@@ -56,7 +56,7 @@ SD15_WEIGHTS = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 STAGE_LR = {"autoencoder": 1.8e-4, "diffusion": 1e-5}
 STAGE_ACCUMULATION = {"autoencoder": 8, "diffusion": 4}
 # Defaults of the arguments left as None: the official code's with Stable Diffusion weights, and the
-# from-scratch ones (diffusion_weights None), chosen by measurement on real_ad (README, "DiAD from scratch").
+# from-scratch ones (diffusion_weights None), chosen by measurement on real_ad (docs/results.md, "DiAD from scratch on real_ad").
 # From scratch, max_train_timestep None means noise_timestep: training visits the timesteps inference uses.
 OFFICIAL_DEFAULTS = {
     "train_unet_encoder": False,

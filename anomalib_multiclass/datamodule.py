@@ -246,6 +246,10 @@ class MultiClassDataset(AnomalibDataset):
         return CategoryImageBatch.collate
 
 
+ROOT_PLACEHOLDER = "GIVE_--data.root"
+"""The data root of configs that ship without a dataset location: the user passes ``--data.root``."""
+
+
 class MultiClassAD(AnomalibDataModule):
     """Unified datamodule: several categories of an MVTec-layout dataset in one train and test set.
 
@@ -254,7 +258,8 @@ class MultiClassAD(AnomalibDataModule):
     folder in that layout) and every item is tagged with its category.
 
     Args:
-        root: dataset root that holds one folder per category.
+        root: dataset root that holds one folder per category (:data:`ROOT_PLACEHOLDER` in a config
+            stops with a message that asks for ``--data.root``).
         categories: category names, or ``"all"`` (every known category of ``dataset``; for
             ``"folder"``, every sub-folder of ``root`` with a ``train`` folder).
         dataset: ``"folder"`` (plain MVTec layout, any image extension, never downloads),
@@ -301,6 +306,12 @@ class MultiClassAD(AnomalibDataModule):
         )
         if dataset not in DATASETS:
             msg = f"Unknown dataset '{dataset}'. Choose one of {list(DATASETS)}."
+            raise ValueError(msg)
+        if str(root) == ROOT_PLACEHOLDER:
+            msg = (
+                "This config has no dataset location: pass the folder that holds one sub-folder per category, "
+                "e.g. `anomalib train -c CONFIG --data.root /path/to/data` (or set data.init_args.root in the config)."
+            )
             raise ValueError(msg)
         self.root = Path(root)
         self.dataset = dataset

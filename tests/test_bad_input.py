@@ -1,5 +1,5 @@
 """Bad input, both models, through the anomalib CLI (in this process): each case is an error naming the file or
-value, or is handled correctly. The README's reliability section lists the cases and their outcomes."""
+value, or is handled correctly. docs/operations.md (Reliability) lists the cases and their outcomes."""
 
 from __future__ import annotations
 
