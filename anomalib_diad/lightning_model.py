@@ -33,7 +33,6 @@ import torch
 from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
-from anomalib.models import AnomalibModule
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
@@ -45,9 +44,9 @@ from anomalib_diad.components.diffusers_models import (
 )
 from anomalib_diad.loss import AutoencoderLoss, DiffusionLoss
 from anomalib_diad.torch_model import DiADModel
-from anomalib_multiclass.components import UnifiedModelComponents, training_images_in_order
-from anomalib_multiclass.patch_memory import category_memory, keep_random_patches
 from anomalib_multiclass.backbone import load_pretrained_backbone
+from anomalib_multiclass.multiclass_module import MultiClassModule, training_images_in_order
+from anomalib_multiclass.patch_memory import category_memory, keep_random_patches
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +101,7 @@ def strip_onnx_node_metadata(path: Path) -> None:
     onnx.save_model(model, str(path), save_as_external_data=True, location=data_file.name)
 
 
-class DiAD(UnifiedModelComponents, AnomalibModule):
+class DiAD(MultiClassModule):
     """DiAD: multi-class anomaly detection by SG-guided latent diffusion reconstruction.
 
     Args:
@@ -514,40 +513,15 @@ class DiAD(UnifiedModelComponents, AnomalibModule):
         logger.info("DiAD score statistics from normal training images (%s).", counts)
         self.model.train(was_training)
 
-    # ------------------------------------------------------------------------------- evaluation
-    def on_validation_start(self) -> None:
-        """Use score statistics that match the current weights."""
+    # ---------------------------------------------------------------------------------- fitted state
+    def refresh_fitted_state(self) -> None:
+        """Recompute the score statistics if training changed the weights since they were computed."""
         self._refresh_score_statistics()
 
-    def on_test_start(self) -> None:
-        """Use score statistics that match the current weights."""
-        self._refresh_score_statistics()
-
-    def on_predict_start(self) -> None:
-        """Use score statistics that match the current weights."""
-        self._refresh_score_statistics()
-
-    def _missing_fitted_state(self) -> str | None:
+    def missing_fitted_state(self) -> str | None:
         """Trained weights and, with ``normalize_per_category``, the score statistics."""
         if not bool(self.initial_weights_loaded):
             return "trained weights"
         if self.hparams.normalize_per_category and int(self.calibration_step) < 0:
             return "per-category score statistics (computed at the end of training)"
         return None
-
-    def _category_index(self, batch: Batch) -> torch.Tensor | None:
-        """Index ``[B]`` of each sample's category in the score statistics, or None (statistics of all categories).
-
-        Without statistics, with a batch without categories, or with a category the model was
-        not trained on (a warning), the pooled statistics are used.
-        """
-        categories = getattr(batch, "category", None)
-        if categories is None or not self.category_names:
-            return None
-        unknown = sorted(set(categories) - set(self.category_names))
-        if unknown:
-            logger.warning(
-                "DiAD: categories %s were not in the training data; using all categories' statistics.", unknown
-            )
-            return None
-        return torch.tensor([self.category_names.index(name) for name in categories], device=batch.image.device)

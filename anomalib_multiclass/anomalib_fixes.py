@@ -18,7 +18,7 @@ built is one of this package's.
   paths (``s3://``, other fsspec URLs) are left to Lightning.
 - **Test after resume.** ``anomalib train --ckpt_path CKPT`` resumes from ``CKPT`` and then tests
   ``CKPT``, not the model it trained; these models test the trained model (see
-  ``UnifiedModelComponents.on_load_checkpoint``).
+  ``MultiClassModule.on_load_checkpoint``).
 """
 
 from __future__ import annotations
@@ -27,57 +27,17 @@ import functools
 import inspect
 import logging
 import sys
-import zipfile
 from typing import Any
 
-import fsspec
-from fsspec.utils import get_protocol
-from lightning.fabric.utilities.types import _PATH
+from anomalib_multiclass.multiclass_module import MultiClassModule
 
 logger = logging.getLogger(__name__)
 
-LOCAL_PROTOCOLS = ("file", "local")
 FIXED_MARKER = "anomalib_multiclass_seed_fix"
-
-
-def check_checkpoint_file(checkpoint_path: _PATH) -> _PATH:
-    """``checkpoint_path`` when it names a complete local torch checkpoint (remote URLs pass unchecked).
-
-    Local paths (plain or ``file://``) are opened through fsspec as Lightning opens them; a remote
-    path (``s3://``, ``gs://``, ...) is returned as given, for Lightning to read.
-
-    Raises:
-        FileNotFoundError: a local file that does not exist.
-        ValueError: a local file that is not a torch checkpoint (truncated by an interrupted copy, or another file).
-    """
-    name = str(checkpoint_path)
-    if get_protocol(name) not in LOCAL_PROTOCOLS:
-        return checkpoint_path
-    filesystem, path = fsspec.core.url_to_fs(name)
-    if not filesystem.isfile(path):
-        msg = f"Checkpoint '{name}' does not exist: give the model.ckpt that `anomalib train` wrote."
-        raise FileNotFoundError(msg)
-    with filesystem.open(path, "rb") as file:
-        complete = zipfile.is_zipfile(file)
-    if not complete:
-        msg = (
-            f"Checkpoint '{name}' is not a readable torch checkpoint (truncated or corrupted?): give the "
-            "model.ckpt that `anomalib train` wrote."
-        )
-        raise ValueError(msg)
-    return checkpoint_path
-
-
-def keep_on_cpu(storage: Any, location: str) -> Any:  # noqa: ANN401
-    """``torch.load`` location function: every storage stays where it was read, on the CPU (Lightning's default)."""
-    del location
-    return storage
 
 
 def _builds_multiclass_model(cli: Any) -> bool:  # noqa: ANN401
     """Whether the parsed config of ``cli`` (an ``AnomalibCLI``) builds a model of this package."""
-    from anomalib_multiclass.components import UnifiedModelComponents
-
     subcommand_config = cli.config.get(str(cli.subcommand)) or cli.config
     model = subcommand_config.get("model")
     class_path = model.get("class_path") if hasattr(model, "get") else None
@@ -85,7 +45,7 @@ def _builds_multiclass_model(cli: Any) -> bool:  # noqa: ANN401
         return False
     module_name, _, class_name = class_path.rpartition(".")
     model_class = getattr(sys.modules.get(module_name), class_name, None)
-    return isinstance(model_class, type) and issubclass(model_class, UnifiedModelComponents)
+    return isinstance(model_class, type) and issubclass(model_class, MultiClassModule)
 
 
 def _seed_fix_applicable(cli_class: type) -> bool:

@@ -65,8 +65,12 @@ def read_rgb_image(path: str) -> torch.Tensor:
     and 16-bit images are scaled by their full range (PIL's plain RGB conversion would clip them).
 
     Raises:
+        FileNotFoundError: naming the file when it does not exist.
         ValueError: naming the file when it is empty, truncated or not an image.
     """
+    if not Path(path).is_file():
+        msg = f"Image '{path}' does not exist: check the path, or remove the file from the dataset's listing."
+        raise FileNotFoundError(msg)
     try:
         with Image.open(path) as image:
             image.load()
@@ -146,8 +150,12 @@ def read_binary_mask(path: str) -> torch.Tensor:
     """anomalib's ``read_mask``: a uint8 ``[H, W]`` mask of 0/1 (any non-zero pixel is anomalous), naming a bad file.
 
     Raises:
+        FileNotFoundError: naming the file when it does not exist.
         ValueError: naming the file when it is empty, truncated or not an image.
     """
+    if not Path(path).is_file():
+        msg = f"Image '{path}' does not exist: check the path, or remove the file from the dataset's listing."
+        raise FileNotFoundError(msg)
     try:
         return read_mask(path, as_tensor=True)
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
@@ -180,8 +188,22 @@ class PredictImages(PredictDataset):
     anomalib's own reader clips 16-bit images to white and does not name a truncated JPEG; this one
     reads 16-bit, grayscale and RGBA images correctly and names any file it cannot read. Use it with
     ``anomalib predict --data anomalib_multiclass.PredictImages --data.path PATH``. Files without an
-    image extension in the folder are ignored, as in anomalib.
+    image extension in the folder are ignored, as in anomalib. ``path`` may also be a list of image files.
     """
+
+    def __init__(
+        self,
+        path: str | Path | Sequence[str | Path],
+        transform: Transform | None = None,
+        image_size: int | tuple[int, int] = (256, 256),
+    ) -> None:
+        files = [path] if isinstance(path, (str, Path)) else [Path(file) for file in path]
+        if not files:
+            msg = "PredictImages got an empty list of image files: give a folder, an image file or a non-empty list."
+            raise ValueError(msg)
+        super().__init__(files[0], transform=transform, image_size=image_size)
+        if len(files) > 1 or not isinstance(path, (str, Path)):
+            self.image_filenames = files
 
     def __getitem__(self, index: int) -> ImageItem:
         """Image ``[3, H, W]`` in ``[0, 1]`` (after ``transform``) and its path."""

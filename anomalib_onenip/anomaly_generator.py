@@ -5,15 +5,13 @@ Every training image gets a synthetic twin with its mask (``[B, 1, H, W]``, 0/1)
 Perlin-noise anomaly filled with a texture (anomalib's :class:`PerlinAnomalyGenerator`, set up as
 the paper: texture weight in (0.2, 1.0], rotation within +/-5 degrees). Images are in ``[0, 1]``.
 
-The Perlin textures come from a folder (``anomaly_source_path``, DTD in the paper), else, in unified
-training, optionally from the normal training images of the *other* categories
-(:meth:`OneNIPAnomalyGenerator.use_category_textures`), else from Perlin noise (grey blobs).
+The Perlin textures come from a folder (``anomaly_source_path``, DTD in the paper), else from Perlin
+noise (grey blobs).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -107,8 +105,7 @@ class OneNIPAnomalyGenerator(nn.Module):
 
     Args:
         anomaly_source_path: folder of texture images (DTD in the paper) for the Perlin anomalies;
-            None uses anomalib's Perlin-noise textures (or, after :meth:`use_category_textures`, other
-            categories' images), so it works without any download.
+            None uses anomalib's Perlin-noise textures, so it works without any download.
         cutpaste_probability: share of CutPaste anomalies (the rest are Perlin); paper 0.5.
         scar_probability: share of scars among the CutPaste anomalies; paper 0.5.
     """
@@ -125,8 +122,6 @@ class OneNIPAnomalyGenerator(nn.Module):
             raise FileNotFoundError(msg)
         self.anomaly_source_path = anomaly_source_path
         self.cutpaste_probability = cutpaste_probability
-        # category -> texture files of the other categories (use_category_textures); empty: one shared source
-        self.textures_by_category: dict[str, list[Path]] = {}
         self.scar_probability = scar_probability
         self.cutpaste = CutPaste()
         self.perlin = PerlinAnomalyGenerator(
@@ -136,32 +131,9 @@ class OneNIPAnomalyGenerator(nn.Module):
             rotation_range=(-5, 5),
         )
 
-    def use_category_textures(self, images_by_category: dict[str, Sequence[str | Path]]) -> None:
-        """Fill the Perlin anomalies of each category with normal images of the other categories.
-
-        Ignored when a texture folder (``anomaly_source_path``) is set. A category without others (one
-        category alone) keeps the Perlin-noise textures: its own images would paste normal content.
-
-        Args:
-            images_by_category: the training image files of each category.
-        """
-        if self.anomaly_source_path is not None:
-            return
-        self.textures_by_category = {
-            category: [Path(path) for other, paths in images_by_category.items() if other != category for path in paths]
-            for category in images_by_category
-        }
-
     @torch.no_grad()
-    def forward(
-        self,
-        images: torch.Tensor,
-        categories: Sequence[str] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return augmented images ``[B, 3, H, W]`` and masks ``[B, 1, H, W]`` (1 = anomalous).
-
-        ``categories`` (one per image) chooses the textures after :meth:`use_category_textures`.
-        """
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return augmented images ``[B, 3, H, W]`` and masks ``[B, 1, H, W]`` (1 = anomalous)."""
         augmented = images.clone()
         masks = torch.zeros_like(images[:, :1])
         use_cutpaste = torch.rand(images.shape[0]) < self.cutpaste_probability
@@ -171,13 +143,7 @@ class OneNIPAnomalyGenerator(nn.Module):
         perlin_index = torch.nonzero(~use_cutpaste).flatten().to(images.device)
         if not perlin_index.numel():
             return augmented, masks
-        if not self.textures_by_category or categories is None:
-            perlin_images, perlin_masks = self.perlin(images[perlin_index])
-            augmented[perlin_index] = perlin_images.to(images.dtype)
-            masks[perlin_index] = perlin_masks.to(images.dtype)
-            return augmented, masks
-        for index in perlin_index.tolist():
-            self.perlin.anomaly_source_paths = self.textures_by_category.get(categories[index], [])
-            perlin_image, perlin_mask = self.perlin(images[index : index + 1])
-            augmented[index], masks[index] = perlin_image[0].to(images.dtype), perlin_mask[0].to(images.dtype)
+        perlin_images, perlin_masks = self.perlin(images[perlin_index])
+        augmented[perlin_index] = perlin_images.to(images.dtype)
+        masks[perlin_index] = perlin_masks.to(images.dtype)
         return augmented, masks

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
+from torchvision.ops import sigmoid_focal_loss
 
 
 def dice_loss(probabilities: torch.Tensor, masks: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
@@ -21,30 +22,16 @@ def dice_loss(probabilities: torch.Tensor, masks: torch.Tensor, smooth: float = 
     return (1 - numerator / denominator).mean()
 
 
-def focal_loss(logits: torch.Tensor, masks: torch.Tensor, gamma: float = 0.0) -> torch.Tensor:
-    """Pixel-wise focal loss ``mean((1 - p_t)^gamma * BCE(logits, G))``; ``gamma = 0`` is the plain BCE.
-
-    Computed on the logits, so a saturated sigmoid still gets a gradient of about 1 on a wrong pixel
-    (Dice's gradient through the sigmoid vanishes there).
-
-    Args:
-        logits: refiner logits ``[B, 1, H, W]``.
-        masks: ground-truth masks ``G`` ``[B, 1, H, W]`` in {0, 1}.
-        gamma: focusing exponent; larger values down-weight the (many, easy) well-classified pixels.
-    """
-    cross_entropy = F.binary_cross_entropy_with_logits(logits, masks, reduction="none")
-    if gamma:
-        cross_entropy = (1 - torch.exp(-cross_entropy)).pow(gamma) * cross_entropy
-    return cross_entropy.mean()
-
-
 class OneNIPLoss(nn.Module):
     """``MSE(F_hat, F_clean) + dice_weight * Dice(sigmoid(logits), mask) + pixel_weight * Focal(logits, mask)``.
 
     Args:
         dice_weight: weight of the Dice term (paper: 0.5).
         pixel_weight: weight of the pixel-wise focal/BCE term on the refiner's logits (paper: 0, no such term).
-        focal_gamma: focusing exponent of that term (0: binary cross-entropy).
+            Computed on the logits, so a saturated sigmoid still gets a gradient of about 1 on a wrong pixel
+            (Dice's gradient through the sigmoid vanishes there).
+        focal_gamma: focusing exponent of that term (0: binary cross-entropy); larger values down-weight the
+            (many, easy) well-classified pixels.
     """
 
     def __init__(self, dice_weight: float = 0.5, pixel_weight: float = 0.0, focal_gamma: float = 0.0) -> None:
@@ -71,6 +58,7 @@ class OneNIPLoss(nn.Module):
         losses = {"feature_loss": feature_loss, "dice_loss": refiner_loss}
         total = feature_loss + self.dice_weight * refiner_loss
         if self.pixel_weight > 0:
-            losses["pixel_loss"] = focal_loss(refiner_logits, masks, self.focal_gamma)
+            # torchvision's focal loss without its class weighting (alpha < 0); gamma 0 is the plain BCE
+            losses["pixel_loss"] = sigmoid_focal_loss(refiner_logits, masks, alpha=-1, gamma=self.focal_gamma, reduction="mean")
             total = total + self.pixel_weight * losses["pixel_loss"]
         return {"loss": total, **losses}

@@ -35,7 +35,7 @@ from lightning.pytorch import Trainer, seed_everything
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import Resize
 
-from anomalib_multiclass.anomalib_fixes import check_checkpoint_file
+from anomalib_multiclass.checkpoint_io import check_checkpoint_file
 from anomalib_multiclass.datamodule import MultiClassAD, MultiClassDataset, list_normal_images
 from anomalib_onenip.lightning_model import OneNIP
 

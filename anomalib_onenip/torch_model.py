@@ -7,7 +7,6 @@ stride) and ``C`` the sum of the tapped channels (272 for EfficientNet-B4, 192 f
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -47,10 +46,6 @@ class OneNIPModel(nn.Module):
             transformer sizes (paper: 256, 8, 4, 4, 1024, 0.1).
         use_neighbor_mask: UniAD's neighbour masking in the encoder and decoder.
         feature_jitter_scale, feature_jitter_prob: training feature jitter (paper: 20, 1.0).
-        feature_jitter_reference_channels: None (paper): the jitter formula as written, whose relative noise
-            per channel, ``scale / sqrt(C)``, depends on the backbone's channel count ``C``. A count (272, the
-            paper's EfficientNet-B4 taps) rescales ``scale`` by ``sqrt(C / reference)`` so that the relative
-            noise is the paper's for any backbone (B4 unchanged; Lite0, C = 192: 20 -> 16.8).
         refiner_channels: refiner width (paper: 128).
         reconstruction_weight: ``lambda`` in ``A = lambda * R + (1 - lambda) * kappa_c * S`` (paper: 0.5),
             with ``kappa_c`` the refiner scale of the prompt's category (``refiner_scale [M]``).
@@ -80,7 +75,6 @@ class OneNIPModel(nn.Module):
         use_neighbor_mask: bool = True,
         feature_jitter_scale: float = 20.0,
         feature_jitter_prob: float = 1.0,
-        feature_jitter_reference_channels: int | None = None,
         refiner_channels: int = 128,
         reconstruction_weight: float = 0.5,
         score_pool_size: int = 16,
@@ -118,11 +112,7 @@ class OneNIPModel(nn.Module):
         # kappa per category [M]: training sets every entry to the one value of the paper's formula; a category
         # added later (OneNIP.add_category) gets its own (it grows to the size of whatever is loaded)
         self.register_buffer("refiner_scale", torch.ones(1))
-        if feature_jitter_reference_channels is not None and feature_jitter_reference_channels < 1:
-            msg = f"feature_jitter_reference_channels must be a positive channel count or None, got {feature_jitter_reference_channels}."
-            raise ValueError(msg)
-        relative = 1.0 if feature_jitter_reference_channels is None else math.sqrt(channels / feature_jitter_reference_channels)
-        self.feature_jitter_scale = feature_jitter_scale * relative
+        self.feature_jitter_scale = feature_jitter_scale
         self.feature_jitter_prob = feature_jitter_prob
         self.reconstruction_weight = reconstruction_weight
         self.score_pool_size = score_pool_size

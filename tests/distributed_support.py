@@ -29,7 +29,7 @@ def fitted_state(pl_module: LightningModule) -> dict[str, torch.Tensor]:
         for name, buffer in model.prompt_bank.named_buffers():
             state[f"prompt_bank.{name}"] = buffer.detach().cpu().clone()
         state["refiner_scale"] = model.refiner_scale.detach().cpu().clone()
-        for category, features in pl_module._prompt_features.items():  # noqa: SLF001 - the cached prompt pool
+        for category, features in pl_module.prompt_pool.features.items():
             state[f"prompt_pool.{category}"] = features.detach().cpu().clone()
     for name in POST_PROCESSOR_CONSTANTS:
         state[f"post_processor.{name}"] = getattr(pl_module.post_processor, name).detach().cpu().clone()
@@ -103,7 +103,7 @@ def refit_in_one_process(model_class: type, checkpoint: Path, data_root: Path, c
     from anomalib.engine import Engine
 
     from anomalib_multiclass import MultiClassAD
-    from anomalib_multiclass.components import training_images_in_order
+    from anomalib_multiclass.multiclass_module import training_images_in_order
 
     directory.mkdir(parents=True, exist_ok=True)
     model = model_class.load_from_checkpoint(checkpoint, pre_trained=False)

@@ -14,7 +14,7 @@ import torch
 from anomalib.cli.cli import AnomalibCLI
 from PIL import Image
 
-from anomalib_multiclass.components import IncompatibleCheckpointError
+from anomalib_multiclass.multiclass_module import IncompatibleCheckpointError
 
 pytestmark = pytest.mark.slow
 

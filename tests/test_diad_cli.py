@@ -218,7 +218,7 @@ def test_torch_export_of_diad_holds_the_whole_model(diad_exports: dict) -> None:
 
 def test_exporting_an_unfitted_diad_is_refused(tmp_path: Path) -> None:
     from anomalib_diad import DiAD
-    from anomalib_multiclass.components import NotFittedError
+    from anomalib_multiclass.multiclass_module import NotFittedError
 
     model = DiAD(**{key: value for key, value in TINY_MODEL.items() if key != "visualizer"})
     with pytest.raises(NotFittedError, match="DiAD has no trained weights: it was never fitted"):

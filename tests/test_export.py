@@ -212,7 +212,7 @@ def test_example_runs_without_torch(exports: dict[str, Path], model: OneNIP, tin
 
 # ------------------------------------------------------------------------------------------- errors
 def test_exporting_a_model_that_was_never_fitted_is_refused(tmp_path: Path) -> None:
-    from anomalib_multiclass.components import NotFittedError
+    from anomalib_multiclass.multiclass_module import NotFittedError
     from tests.conftest import TINY_ONENIP
 
     with pytest.raises(NotFittedError, match="OneNIP has no prompt bank: it was never fitted"):
@@ -220,7 +220,7 @@ def test_exporting_a_model_that_was_never_fitted_is_refused(tmp_path: Path) -> N
 
 
 def test_exporting_without_thresholds_is_refused(train_run: dict, tmp_path: Path) -> None:
-    from anomalib_multiclass.components import NotFittedError
+    from anomalib_multiclass.multiclass_module import NotFittedError
 
     model = OneNIP.load_from_checkpoint(train_run["checkpoint"], pre_trained=False)
     model.post_processor._image_threshold.fill_(float("nan"))  # noqa: SLF001  (as before any validation)

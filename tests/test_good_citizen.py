@@ -11,7 +11,8 @@ import torch
 from jsonargparse import Namespace
 
 import anomalib_onenip  # noqa: F401 - the seed fix recognises imported model classes
-from anomalib_multiclass.anomalib_fixes import apply_seed_fix, check_checkpoint_file
+from anomalib_multiclass.anomalib_fixes import apply_seed_fix
+from anomalib_multiclass.checkpoint_io import check_checkpoint_file
 from anomalib_multiclass.checkpoint_io import MultiClassCheckpointIO
 from anomalib_multiclass.score_statistics import CategoryScoreStatistics
 

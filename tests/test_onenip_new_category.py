@@ -14,7 +14,7 @@ from lightning.pytorch import seed_everything
 from PIL import Image
 
 from anomalib_multiclass import MultiClassAD
-from anomalib_multiclass.components import NotFittedError
+from anomalib_multiclass.multiclass_module import NotFittedError
 from anomalib_multiclass.datamodule import read_rgb_image
 from anomalib_onenip import OneNIP
 from anomalib_onenip.new_category import main as add_category_cli
@@ -77,7 +77,7 @@ def test_known_categories_are_unchanged_and_the_new_one_is_calibrated(
     assert torch.equal(after.model.refiner_scale[:2], before.model.refiner_scale)
 
     # the new category's constants come from its training images as training computes them for the others
-    features, _ = after._image_features(sorted((tiny_dataset / NEW / "train" / "good").iterdir()))  # noqa: SLF001
+    features, _ = after.prompt_pool.read_features(after.model, sorted((tiny_dataset / NEW / "train" / "good").iterdir()))
     index = torch.full((len(features),), 2)
     with torch.no_grad():
         prompt, chosen = bank.select(after.model.global_features(features), index)

@@ -1,4 +1,4 @@
-"""OneNIP's supervised refiner: it learns in short runs with the pixel term; per-step learning-rate schedules."""
+"""OneNIP's supervised refiner: it learns in short runs with the pixel term; the per-step learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ from torchmetrics.functional.classification import binary_auroc
 
 from anomalib_multiclass import MultiClassAD
 from anomalib_onenip import OneNIP
-from anomalib_onenip.components import Refiner
-from anomalib_onenip.loss import OneNIPLoss, focal_loss
+from anomalib_onenip.loss import OneNIPLoss
 from tests.conftest import TINY_ONENIP
 
 
@@ -26,7 +25,7 @@ def _refiner_on_synthetic_anomalies(model: OneNIP, datamodule: MultiClassAD) -> 
         anomalous, anomaly_masks = model.anomaly_generator(batch.image)
         images = model._pre_process(torch.cat([batch.image, anomalous]))  # noqa: SLF001
         features = model.model.extract_features(images)
-        category_index = model._category_index(batch).repeat(2)  # noqa: SLF001
+        category_index = model.category_index(batch).repeat(2)
         prompt, _ = model.model.prompt_bank.select(model.model.global_features(features), category_index)
         _, refiner_map = model.model.residual_maps(model.model.reconstruct(features, prompt), features)
         maps.append(refiner_map[:, 0])
@@ -34,26 +33,40 @@ def _refiner_on_synthetic_anomalies(model: OneNIP, datamodule: MultiClassAD) -> 
     return torch.cat(maps), torch.cat(masks)
 
 
-def test_focal_term_is_bce_at_gamma_zero_and_spares_easy_pixels() -> None:
+def _focal_loss_as_before(logits: torch.Tensor, masks: torch.Tensor, gamma: float) -> torch.Tensor:
+    """The hand-written pixel term that torchvision's ``sigmoid_focal_loss`` replaced: ``(1 - e^-BCE)^gamma BCE``."""
+    cross_entropy = torch.nn.functional.binary_cross_entropy_with_logits(logits, masks, reduction="none")
+    return ((1 - torch.exp(-cross_entropy)).pow(gamma) * cross_entropy).mean()
+
+
+@pytest.mark.parametrize("gamma", [0.0, 2.0])
+def test_pixel_term_is_the_focal_loss_it_was(gamma: float) -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(4, 1, 16, 16) * 6
+    masks = (torch.rand(4, 1, 16, 16) > 0.8).float()
+    reconstruction = torch.zeros(4, 8, 2, 2)
+    losses = OneNIPLoss(pixel_weight=1.0, focal_gamma=gamma)(reconstruction, reconstruction, logits, masks)
+    assert losses["pixel_loss"].item() == pytest.approx(_focal_loss_as_before(logits, masks, gamma).item(), rel=1e-5)
+    logits.requires_grad_(True)
+    new_gradient, = torch.autograd.grad(OneNIPLoss(pixel_weight=1.0, focal_gamma=gamma)(
+        reconstruction, reconstruction, logits, masks)["pixel_loss"], logits)
+    old_gradient, = torch.autograd.grad(_focal_loss_as_before(logits, masks, gamma), logits)
+    torch.testing.assert_close(new_gradient, old_gradient, rtol=1e-4, atol=1e-9)
+
+
+def test_focal_term_spares_easy_pixels_and_joins_the_loss() -> None:
     logits = torch.tensor([[-4.0, 0.0, 4.0, -4.0]]).view(1, 1, 2, 2)
     masks = torch.tensor([[0.0, 1.0, 1.0, 1.0]]).view(1, 1, 2, 2)
-    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, masks)
-    assert focal_loss(logits, masks, gamma=0.0) == pytest.approx(bce.item())
-    # gamma 2: the wrong pixel (logit -4, mask 1) keeps 0.96 of its 4.018, the unsure one (logit 0) 0.25 of its
-    # 0.693, the two easy ones (0.018 each) almost nothing
-    assert focal_loss(logits, masks, gamma=2.0) == pytest.approx((3.8749 + 0.1733) / 4, rel=1e-3)
     reconstruction = torch.zeros(1, 4, 2, 2)
     assert "pixel_loss" not in OneNIPLoss()(reconstruction, reconstruction, logits, masks)
-    losses = OneNIPLoss(pixel_weight=2.0)(reconstruction, reconstruction, logits, masks)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, masks)
+    plain = OneNIPLoss(pixel_weight=1.0)(reconstruction, reconstruction, logits, masks)["pixel_loss"]
+    assert plain.item() == pytest.approx(bce.item())
+    # gamma 2: the wrong pixel (logit -4, mask 1) keeps 0.96 of its 4.018, the unsure one (logit 0) 0.25 of its
+    # 0.693, the two easy ones (0.018 each) almost nothing
+    losses = OneNIPLoss(pixel_weight=2.0, focal_gamma=2.0)(reconstruction, reconstruction, logits, masks)
+    assert losses["pixel_loss"].item() == pytest.approx((3.8749 + 0.1733) / 4, rel=1e-3)
     assert losses["loss"] == pytest.approx((0.5 * losses["dice_loss"] + 2.0 * losses["pixel_loss"]).item())
-
-
-def test_refiner_prior_sets_the_initial_probability() -> None:
-    refiner = Refiner(8, 16)
-    refiner.set_prior(0.01)
-    assert torch.sigmoid(refiner.predictor.bias).item() == pytest.approx(0.01)
-    with pytest.raises(ValueError, match="prior must be in"):
-        refiner.set_prior(1.0)
 
 
 @pytest.fixture(scope="module")
@@ -93,33 +106,49 @@ def test_refiner_separates_synthetic_anomalies_only_with_the_pixel_term(
         assert refiner_map.max().item() < 1e-2, refiner_map.max().item()
 
 
-@pytest.mark.parametrize("schedule", ["warmup_cosine", "warmup_step"])
-def test_per_step_schedule_is_a_fraction_of_the_run(schedule: str) -> None:
-    model = OneNIP(**TINY_ONENIP, lr_schedule=schedule, lr_warmup_fraction=0.1, lr_decay_fraction=0.8, lr_gamma=0.1)
-    factors = [model._lr_factor(step, 200) for step in range(201)]  # noqa: SLF001
-    assert factors[0] < 0.1
-    assert factors[:20] == sorted(factors[:20])  # linear warm-up over the first 10 %
-    assert max(factors) == pytest.approx(1.0, abs=0.01)
-    assert factors[20:] == sorted(factors[20:], reverse=True)
-    assert factors[-1] == pytest.approx(0.1)
-    if schedule == "warmup_step":
-        assert factors[159] == 1.0
-        assert factors[160] == pytest.approx(0.1)
+def _warmup_step_factor_as_before(step: int, total: int, warmup: float, decay: float, gamma: float) -> float:
+    """The hand-written factor that torch's LinearLR, MultiStepLR and SequentialLR replaced."""
+    progress = step / total
+    if progress < warmup:
+        return (step + 1) / (warmup * total + 1)
+    return 1.0 if progress < decay else gamma
+
+
+def _factors(model: OneNIP, total_steps: int) -> list[float]:
+    """The learning-rate factor at every optimizer step of a run of ``total_steps`` (the scheduler stepped as Lightning does)."""
+    model.trainer = type("Trainer", (), {"estimated_stepping_batches": total_steps})()
+    configured = model.configure_optimizers()
+    optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    factors = []
+    for _ in range(total_steps):
+        factors.append(optimizer.param_groups[0]["lr"] / model.hparams.lr)
+        optimizer.step()
+        scheduler.step()
+    return factors
+
+
+@pytest.mark.parametrize("total_steps", [200, 3560])
+def test_warmup_step_schedule_is_the_one_it_was(total_steps: int) -> None:
+    """The same factors as before at every step when the warm-up is a whole number of steps (5 % of 20 epochs)."""
+    model = OneNIP(**TINY_ONENIP, lr_schedule="warmup_step", lr_warmup_fraction=0.05, lr_decay_fraction=0.8, lr_gamma=0.1)
+    factors = _factors(model, total_steps)
+    before = [_warmup_step_factor_as_before(step, total_steps, 0.05, 0.8, 0.1) for step in range(total_steps)]
+    assert factors == pytest.approx(before, rel=1e-6)
+    assert factors[int(0.8 * total_steps) - 1] == pytest.approx(1.0) and factors[-1] == pytest.approx(0.1)
 
 
 def test_per_step_schedule_ends_with_the_run(tiny_dataset: Path, tmp_path: Path) -> None:
-    """Two epochs of 6 steps: the schedule spans the trainer's 12 steps and ends at ``lr * lr_gamma``, refiner too."""
+    """Two epochs of 6 steps: the schedule spans the trainer's 12 steps and ends at ``lr * lr_gamma``."""
     datamodule = MultiClassAD(root=tiny_dataset, train_batch_size=4, num_workers=0)
-    model = OneNIP(**TINY_ONENIP, lr=1e-3, refiner_lr=2e-3, lr_schedule="warmup_cosine", lr_gamma=0.1)
+    model = OneNIP(**TINY_ONENIP, lr=1e-3, lr_schedule="warmup_step", lr_gamma=0.1)
     engine = Engine(max_epochs=2, accelerator="cpu", default_root_dir=tmp_path, enable_progress_bar=False,
                     logger=False, limit_val_batches=0)
     engine.fit(model=model, datamodule=datamodule)
-    transformer_group, refiner_group = engine.trainer.optimizers[0].param_groups
     assert engine.trainer.global_step == 12
-    assert transformer_group["lr"] == pytest.approx(1e-4)
-    assert refiner_group["lr"] == pytest.approx(2e-4)
+    assert engine.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-4)
 
 
-def test_unknown_schedule_is_refused() -> None:
-    with pytest.raises(ValueError, match="lr_schedule must be one of"):
-        OneNIP(**TINY_ONENIP, lr_schedule="cosine")
+@pytest.mark.parametrize(("option", "value"), [("lr_schedule", "cosine"), ("refiner_scale_calibration", "test_set")])
+def test_unknown_mode_is_refused_with_the_choices(option: str, value: str) -> None:
+    with pytest.raises(ValueError, match=rf"{option} must be one of \[.*\], got '{value}'"):
+        OneNIP(**TINY_ONENIP, **{option: value})

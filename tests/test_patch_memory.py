@@ -172,7 +172,7 @@ def test_diad_builds_its_memory_with_the_score_statistics_and_adds_the_patch_sco
 
     from anomalib_diad import DiAD
     from anomalib_multiclass import MultiClassAD
-    from anomalib_multiclass.components import training_images_in_order
+    from anomalib_multiclass.multiclass_module import training_images_in_order
 
     model = DiAD(architecture="tiny", input_size=(128, 128), backbone="tf_efficientnet_lite0", layers=[1, 2, 3],
                  diffusion_weights=None, pre_trained=False, ddim_steps=1, patch_score_weight=0.5, patch_memory_size=64,

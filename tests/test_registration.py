@@ -105,3 +105,51 @@ def test_wheel_records_every_installed_file(tmp_path: Path) -> None:
     assert "[anomalib.models]" not in entry_points, "no generic entry-point group that another plugin could share"
     assert "onenip-add-category = anomalib_onenip.new_category:main" in entry_points
     assert not any(name.endswith((".ckpt", ".pth", ".png")) and "autoload" not in name for name in names)
+
+
+# Every module of the three packages, each imported first in a process where anomalib is not imported yet.
+# The process pre-imports the third-party libraries (not anomalib, not this distribution) and forks once per
+# module, so that each import starts from the state of a fresh interpreter without paying torch's start-up.
+IMPORT_EACH_FIRST = """
+import importlib, json, os, pkgutil, sys, tempfile
+import torch, torchvision, lightning, timm, torchmetrics, kornia, einops, pandas, matplotlib, rich, fsspec
+assert not any(name == "anomalib" or name.startswith(("anomalib.", "anomalib_onenip", "anomalib_diad"))
+               for name in sys.modules), "the parent must not import anomalib or the plugins"
+modules = []
+for package in ("anomalib_multiclass", "anomalib_onenip", "anomalib_diad"):
+    spec = importlib.util.find_spec(package)
+    modules.append(package)
+    modules += [info.name for info in pkgutil.walk_packages(spec.submodule_search_locations, package + ".")]
+results = {}
+for module in modules:
+    with tempfile.TemporaryFile() as errors:
+        pid = os.fork()
+        if pid == 0:
+            os.dup2(errors.fileno(), 2)
+            try:
+                importlib.import_module(module)
+                import anomalib.models
+                ok = hasattr(anomalib.models, "OneNIP") and hasattr(anomalib.models, "DiAD")
+            except BaseException:
+                import traceback
+                traceback.print_exc()
+                ok = False
+            sys.stderr.flush()
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        errors.seek(0)
+        text = errors.read().decode()
+        problems = [line for line in text.splitlines() if "Warning" not in line and "warn" not in line]
+        results[module] = {"registered": os.waitstatus_to_exitcode(status) == 0, "stderr": problems}
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_importing_any_module_first_registers_both_models_without_errors() -> None:
+    import json
+
+    results = json.loads(_python(IMPORT_EACH_FIRST).splitlines()[-1])
+    assert len(results) >= 30, sorted(results)
+    failures = {module: result for module, result in results.items() if not result["registered"] or result["stderr"]}
+    assert not failures, failures

@@ -62,10 +62,10 @@ def hundred_category_onenip() -> OneNIP:
     model = OneNIP(**TINY_ONENIP).eval()
     channels = sum(model.model.feature_extractor.out_dims)
     height, width = model.model.feature_size
-    model._prompt_features = {  # noqa: SLF001  (what on_train_start caches from the training images)
+    model.prompt_pool.features = {  # what on_train_start caches from the training images
         f"category_{index:03d}": torch.randn(3, channels, height, width) + index / 10 for index in range(100)
     }
-    model.category_names = sorted(model._prompt_features)  # noqa: SLF001
+    model.category_names = sorted(model.prompt_pool.features)
     model.build_prompt_bank()
     post_processor = model.post_processor
     for name, value in (("_image_threshold", 1.0), ("_pixel_threshold", 1.0), ("image_min", -3.0),

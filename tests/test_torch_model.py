@@ -88,19 +88,3 @@ def test_image_of_another_size_or_channel_count_is_refused(shape: tuple[int, ...
     model = OneNIPModel(backbone="tf_efficientnet_lite0", input_size=(64, 64), **SMALL)
     with pytest.raises(ValueError, match=rf"expects normalised RGB images \[B, 3, 64, 64\], got {re.escape(str(shape))}"):
         model.extract_features(torch.rand(shape))
-
-
-def test_jitter_reference_channels_match_the_relative_noise_of_the_paper_backbone() -> None:
-    paper = OneNIPModel(backbone="tf_efficientnet_lite0", input_size=(64, 64), hidden_dim=32, num_encoder_layers=1,
-                        num_decoder_layers=1, dim_feedforward=64)
-    matched = OneNIPModel(backbone="tf_efficientnet_lite0", input_size=(64, 64), hidden_dim=32, num_encoder_layers=1,
-                          num_decoder_layers=1, dim_feedforward=64, feature_jitter_reference_channels=272)
-    assert paper.feature_jitter_scale == 20.0
-    assert matched.feature_jitter_scale == pytest.approx(20.0 * (192 / 272) ** 0.5)
-    torch.manual_seed(0)
-    tokens = torch.randn(4, 16, 192)
-    noise = matched.jitter(tokens) - tokens
-    relative = (noise.std(dim=-1) / tokens.norm(dim=-1) * 192**0.5).mean()
-    assert relative.item() == pytest.approx(20.0 / 272**0.5, rel=0.05), "per-channel noise relative to |f| / sqrt(C)"
-    with pytest.raises(ValueError, match="feature_jitter_reference_channels"):
-        OneNIPModel(backbone="tf_efficientnet_lite0", input_size=(64, 64), feature_jitter_reference_channels=0)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
@@ -39,16 +37,6 @@ class Refiner(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-
-    def set_prior(self, prior: float) -> None:
-        """Set the predictor's bias to ``log(prior / (1 - prior))``, so that ``S`` starts near ``prior`` (as RetinaNet).
-
-        The paper's zero bias starts ``S`` at 0.5 on every pixel.
-        """
-        if not 0 < prior < 1:
-            msg = f"Refiner prior must be in (0, 1), got {prior}."
-            raise ValueError(msg)
-        nn.init.constant_(self.predictor.bias, math.log(prior / (1 - prior)))
 
     def forward(self, residual: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
         """``residual [B, C, h, w]`` -> logits ``[B, 1, H, W]`` at ``image_size``."""

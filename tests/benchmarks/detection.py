@@ -51,7 +51,7 @@ from torchmetrics.functional.classification import binary_auroc, binary_precisio
 from torchvision.transforms.v2 import Resize
 
 from anomalib_multiclass import MultiClassAD
-from anomalib_multiclass.components import training_images_in_order
+from anomalib_multiclass.multiclass_module import training_images_in_order
 from anomalib_multiclass.patch_memory import leave_own_image_out_scores, nearest_distances, patch_descriptors
 
 POOL_FRACTIONS = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)

@@ -29,7 +29,7 @@ from anomalib.deploy import ExportType
 from anomalib.engine import Engine
 from timing import median_seconds
 
-from anomalib_multiclass.components import CHECKPOINT_INFO_KEY
+from anomalib_multiclass.multiclass_module import CHECKPOINT_INFO_KEY
 
 
 def load_model(args: argparse.Namespace) -> torch.nn.Module:
@@ -45,7 +45,7 @@ def load_model(args: argparse.Namespace) -> torch.nn.Module:
         model = _model_class("OneNIP")(backbone=args.backbone, input_size=size, pre_trained=False, visualizer=False)
         model.eval()
         with torch.no_grad():
-            model._prompt_features = {"stand_in": model.model.extract_features(model._pre_process(images))}  # noqa: SLF001
+            model.prompt_pool.features = {"stand_in": model.model.extract_features(model._pre_process(images))}  # noqa: SLF001
         model.category_names = ["stand_in"]
         model.build_prompt_bank()
     else:

@@ -69,7 +69,7 @@ def refiner_pixel_auroc(model: OneNIP, datamodule: MultiClassAD) -> dict[str, fl
     for batch in datamodule.test_dataloader():
         images, masks = model.pre_processor.transform(batch.image.to(model.device), batch.gt_mask.to(model.device))
         features = model.model.extract_features(images)
-        category_index = model._category_index(batch)  # noqa: SLF001
+        category_index = model.category_index(batch)
         encoded_prompt, _ = model.model.prompt_bank.select(model.model.global_features(features), category_index)
         _, refiner_map = model.model.residual_maps(model.model.reconstruct(features, encoded_prompt), features)
         for category, scores, mask in zip(batch.category, refiner_map[:, 0], masks.view_as(refiner_map[:, 0]), strict=True):

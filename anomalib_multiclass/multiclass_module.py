@@ -1,24 +1,27 @@
-"""What the unified models share as anomalib modules: default components, category handling, checkpointing."""
+"""The base class of the unified models: default components, category handling, fitted state, checkpointing."""
 
 from __future__ import annotations
 
 import inspect
 import logging
+from abc import abstractmethod
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
 from anomalib.data import Batch
+from anomalib.engine.plugins import AnomalibCheckpointIO
 from anomalib.metrics import Evaluator
+from anomalib.models import AnomalibModule
 from anomalib.pre_processing import PreProcessor
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from anomalib_multiclass.anomalib_fixes import check_checkpoint_file
 from anomalib_multiclass.backbone import backbone_normalization
+from anomalib_multiclass.checkpoint_io import MultiClassCheckpointIO, check_checkpoint_file
 from anomalib_multiclass.evaluator import PerCategoryEvaluator
 from anomalib_multiclass.post_processing import RankPreservingPostProcessor
 from anomalib_multiclass.resumable import (
@@ -68,27 +71,72 @@ class NotFittedError(RuntimeError):
     """The model lacks state that training creates (prompt bank, statistics, thresholds)."""
 
 
-class UnifiedModelComponents:
-    """Mixin for an ``AnomalibModule`` of a unified model (list it before ``AnomalibModule`` in the bases).
+class MultiClassModule(AnomalibModule):
+    """Base class of an anomalib module that serves several categories with one model.
 
     - pre-processing: resize, then normalise with the mean and std the backbone was trained with;
     - post-processing: :class:`RankPreservingPostProcessor`;
     - evaluation: :class:`PerCategoryEvaluator`;
-    - validation, test and predict steps that pass each sample's category index to the torch model
-      (the model class defines ``_category_index(batch) -> Tensor [B] | None``);
+    - validation, test and predict steps that pass each sample's category index (:meth:`category_index`)
+      to the torch model, after :meth:`refresh_fitted_state` has made the fitted state match the weights;
     - ``category_names``, the training categories in index order, saved in and restored from checkpoints;
     - checkpoints that name their model class and format version, and refuse to load into another
       model class or a plugin version with another format (:class:`IncompatibleCheckpointError`);
     - checkpoints that hold the random states (every rank's under DDP), so that a resumed run draws what the
       uninterrupted one did;
-    - exports (torch, ONNX, OpenVINO) that refuse a model that was never fitted (:class:`NotFittedError`;
-      the model class defines ``_missing_fitted_state() -> str | None``).
+    - exports (torch, ONNX, OpenVINO) that refuse a model that was never fitted (:class:`NotFittedError`,
+      naming what :meth:`missing_fitted_state` reports).
+
+    Subclasses define :meth:`missing_fitted_state` and :meth:`refresh_fitted_state`, and ``UNKNOWN_CATEGORY_ADVICE``:
+    what a user can do about a category the model does not know.
     """
 
     CATEGORIES_KEY = "category_names"
     ONNX_OPTIMIZE = True
     DEFAULT_CATEGORY = "default"
+    UNKNOWN_CATEGORY_ADVICE = "Train the model with them, or predict on plain images (without categories)."
     category_names: list[str]
+
+    @abstractmethod
+    def missing_fitted_state(self) -> str | None:
+        """What training creates and this model lacks (e.g. ``"prompt bank"``), or None when it is fitted."""
+
+    @abstractmethod
+    def refresh_fitted_state(self) -> None:
+        """Recompute the state derived from the weights (prompt bank, score statistics) if the weights changed."""
+
+    def on_validation_start(self) -> None:
+        """Validate with fitted state that matches the current weights."""
+        self.refresh_fitted_state()
+
+    def on_test_start(self) -> None:
+        """Test with fitted state that matches the current weights."""
+        self.refresh_fitted_state()
+
+    def on_predict_start(self) -> None:
+        """Predict with fitted state that matches the current weights."""
+        self.refresh_fitted_state()
+
+    def category_index(self, batch: Batch) -> torch.Tensor | None:
+        """Index ``[B]`` of each sample's category in ``category_names``, or None when the batch carries no categories
+        (or the model keeps no per-category state): the model then serves the image without a category.
+
+        Raises:
+            ValueError: a category the model was not trained on. Its per-category state (prompt, calibration)
+                does not exist, and another category's would give scores on the wrong scale without a
+                warning in the results; an image without a category tag is served as such instead.
+        """
+        categories = getattr(batch, "category", None)
+        if categories is None or not self.category_names:
+            return None
+        unknown = sorted(set(categories) - set(self.category_names))
+        if unknown:
+            msg = (
+                f"Categories {unknown} were not in {type(self).__name__}'s training data (known: {self.category_names}). "
+                f"{self.UNKNOWN_CATEGORY_ADVICE}"
+            )
+            raise ValueError(msg)
+        return torch.tensor([self.category_names.index(name) for name in categories], device=batch.image.device)
 
     @classmethod
     def configure_pre_processor(
@@ -111,7 +159,7 @@ class UnifiedModelComponents:
         return PerCategoryEvaluator()
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Predict with each sample's category when the batch carries categories (see ``_category_index``).
+        """Predict with each sample's category when the batch carries categories (see :meth:`category_index`).
 
         Raises:
             ValueError: naming the images that hold NaN or Inf values.
@@ -123,7 +171,7 @@ class UnifiedModelComponents:
             bad = [str(path) for path, ok in zip(paths, finite.tolist(), strict=True) if not ok]
             msg = f"Images {bad} contain NaN or Inf values: check how they were produced or loaded, and replace them."
             raise ValueError(msg)
-        predictions = self.model(batch.image, category_index=self._category_index(batch))
+        predictions = self.model(batch.image, category_index=self.category_index(batch))
         return batch.update(**predictions._asdict())
 
     def test_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
@@ -155,10 +203,6 @@ class UnifiedModelComponents:
         with it: on the CPU by default (GPU checkpoints load on CPU-only machines) and with a clear error
         for a missing or truncated local file. A checkpoint IO the user configured is kept.
         """
-        from anomalib.engine.plugins import AnomalibCheckpointIO  # here: anomalib.engine imports anomalib.models
-
-        from anomalib_multiclass.checkpoint_io import MultiClassCheckpointIO
-
         super().setup(stage)
         strategy = self.trainer.strategy
         io = strategy.checkpoint_io
@@ -326,7 +370,7 @@ class UnifiedModelComponents:
     # ---------------------------------------------------------------------------------- export
     def _check_fitted(self) -> None:
         """Raise :class:`NotFittedError` naming what is missing (the model's state, or the post-processor's thresholds)."""
-        missing = self._missing_fitted_state()
+        missing = self.missing_fitted_state()
         if missing is None:
             post_processor = self.post_processor
             needs_thresholds = getattr(post_processor, "enable_thresholding", False)
@@ -338,10 +382,6 @@ class UnifiedModelComponents:
                 "(with validation) and export its checkpoint (--ckpt_path)."
             )
             raise NotFittedError(msg)
-
-    def _missing_fitted_state(self) -> str | None:
-        """What training creates and this model lacks, or None (overridden by each model)."""
-        return None
 
     def to_torch(self, *args: Any, **kwargs: Any) -> Path:
         """anomalib's torch export, for a fitted model only."""
