@@ -37,13 +37,9 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
-from anomalib_diad.components.diffusers_models import (
-    empty_prompt_embedding,
-    load_pretrained_autoencoder,
-    load_pretrained_unet,
-)
 from anomalib_diad.loss import AutoencoderLoss, DiffusionLoss
 from anomalib_diad.torch_model import DiADModel
+from anomalib_diad.weights import load_diffusion_weights, load_stage1_autoencoder
 from anomalib_multiclass.backbone import load_pretrained_backbone
 from anomalib_multiclass.multiclass_module import MultiClassModule, training_images_in_order
 from anomalib_multiclass.patch_memory import category_memory, keep_random_patches
@@ -81,7 +77,6 @@ FROM_SCRATCH_DEFAULTS = {
     "scale_by_std": True,
     "diffusion_lr": 3e-4,
 }
-UNET_ENCODER_PARTS = ("conv_in", "time_proj", "time_embedding", "down_blocks", "mid_block")
 LATENT_SCALE_IMAGES = 256
 
 
@@ -121,11 +116,11 @@ class DiAD(MultiClassModule):
         weights_path: local backbone weights (timm state dict) instead of timm's hub weights.
         sff_init: ``"default"`` (SFF learns) or ``"zero"`` (official; SFF never learns).
         use_sff, inject_levels, train_unet_decoder, train_unet_encoder, ddim_steps, noise_timestep,
-            ddim_schedule, set_alpha_to_one, max_train_timestep, train_timesteps, guidance_scale, posterior,
+            ddim_schedule, set_alpha_to_one, max_train_timestep, train_timesteps, posterior,
             sigma, score_pool_size, score_pool_repeats, normalize_per_category, patch_score_weight,
             patch_memory_size, seed: see
             :class:`~anomalib_diad.torch_model.DiADModel` (paper: True, "deepest", True, False, 10, 999,
-            "official", False, 999, "uniform", no-op CFG, "sample", 5 and 8 at 256 px, 8, on, 0, 16384). Those left as None
+            "official", False, 999, "uniform", "sample", 5 and 8 at 256 px, 8, on, 0, 16384). Those left as None
             take the official values with ``diffusion_weights`` and the from-scratch ones without
             (``FROM_SCRATCH_DEFAULTS``: the whole UNet trains, one truncated DDIM step from t = 300 to the
             clean latent, training on the sampler's timesteps, the posterior mode); sigma and pooling scale
@@ -166,7 +161,6 @@ class DiAD(MultiClassModule):
         set_alpha_to_one: bool | None = None,
         max_train_timestep: int | None = None,
         train_timesteps: str | None = None,
-        guidance_scale: float = 1.0,
         posterior: str | None = None,
         sigma: float | None = None,
         score_pool_size: int | None = None,
@@ -234,7 +228,6 @@ class DiAD(MultiClassModule):
             set_alpha_to_one=defaults["set_alpha_to_one"],
             max_train_timestep=defaults["max_train_timestep"],
             train_timesteps=defaults["train_timesteps"],
-            guidance_scale=guidance_scale,
             posterior=defaults["posterior"],
             sigma=sigma,
             score_pool_size=score_pool_size,
@@ -309,87 +302,26 @@ class DiAD(MultiClassModule):
         if bool(self.initial_weights_loaded):
             return
         if self.hparams.pre_trained:
-            self._load_pretrained_weights()
+            load_pretrained_backbone(
+                self.model.anomaly_map.feature_extractor,
+                self.hparams.backbone,
+                self.hparams.weights_path,
+            )
+            if self.hparams.diffusion_weights is not None:
+                load_diffusion_weights(
+                    self.model,
+                    self.hparams.diffusion_weights,
+                    with_autoencoder=self.stage == "autoencoder" or not self.hparams.autoencoder_checkpoint,
+                    with_unet=self.stage == "diffusion",
+                )
         if self.stage == "diffusion" and self.hparams.autoencoder_checkpoint:
-            self._load_autoencoder(self.hparams.autoencoder_checkpoint)
+            load_stage1_autoencoder(self.model, self.hparams.autoencoder_checkpoint)
         elif self.stage == "diffusion" and not (self.hparams.pre_trained and self.hparams.diffusion_weights):
             logger.warning(
                 "DiAD stage 2 without autoencoder_checkpoint or diffusion_weights: the autoencoder keeps random "
                 "weights. Train stage 1 first and give its checkpoint with --model.autoencoder_checkpoint."
             )
         self.initial_weights_loaded.fill_(True)
-
-    def _load_pretrained_weights(self) -> None:
-        """Backbone weights; from ``diffusion_weights`` the autoencoder (stage 1, or stage 2 without a stage-1
-        autoencoder) and, in stage 2, the UNet (copied into the SG network) and the empty-prompt embedding."""
-        load_pretrained_backbone(
-            self.model.anomaly_map.feature_extractor,
-            self.hparams.backbone,
-            self.hparams.weights_path,
-        )
-        source = self.hparams.diffusion_weights
-        if source is None:
-            return
-        if self.stage == "autoencoder" or not self.hparams.autoencoder_checkpoint:
-            logger.info("DiAD: loading the autoencoder of '%s'.", source)
-            autoencoder = load_pretrained_autoencoder(source)
-            self._load_part(self.model.autoencoder, autoencoder.state_dict(), f"the autoencoder of '{source}'")
-            self.model.latent_scale.fill_(float(autoencoder.config.scaling_factor))
-        if self.stage == "autoencoder":
-            return
-        logger.info("DiAD: loading the UNet and the empty-prompt embedding of '%s'.", source)
-        unet = load_pretrained_unet(source)
-        self._load_part(self.model.unet, unet.state_dict(), f"the UNet of '{source}'")
-        controlnet = self.model.sg_network.controlnet
-        for part in UNET_ENCODER_PARTS:  # the SG network starts as a copy of the UNet encoder
-            getattr(controlnet, part).load_state_dict(getattr(self.model.unet, part).state_dict())
-        context = empty_prompt_embedding(source)
-        if context.shape[-1] != self.model.context.shape[-1]:
-            expected = self.model.context.shape[-1]
-            msg = f"The text embedding of '{source}' has width {context.shape[-1]}, the UNet expects {expected}."
-            raise ValueError(msg)
-        self.model.context = context.to(self.model.context)
-
-    def _load_autoencoder(self, source: str) -> None:
-        """Stage 1's autoencoder and latent scale: a checkpoint of DiAD or a diffusers ``AutoencoderKL`` folder
-        (its ``scaling_factor``)."""
-        path = Path(source).expanduser()
-        if path.is_dir():
-            autoencoder = load_pretrained_autoencoder(str(path.parent), subfolder=path.name)
-            state_dict, latent_scale = autoencoder.state_dict(), float(autoencoder.config.scaling_factor)
-        elif path.is_file():
-            try:
-                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as error:
-                msg = f"Cannot read autoencoder_checkpoint '{path}': {error}. Give stage 1's model.ckpt."
-                raise ValueError(msg) from error
-            prefix = "model.autoencoder."
-            state_dict = {
-                key.removeprefix(prefix): value
-                for key, value in checkpoint.get("state_dict", {}).items()
-                if key.startswith(prefix)
-            }
-            if not state_dict:
-                msg = f"'{path}' holds no DiAD autoencoder (no '{prefix}*' weights): give stage 1's model.ckpt."
-                raise ValueError(msg)
-            latent_scale = float(checkpoint["state_dict"].get("model.latent_scale", self.model.latent_scale))
-        else:
-            msg = (
-                f"autoencoder_checkpoint '{path}' does not exist. Give stage 1's checkpoint "
-                "(results/DiAD/<dataset>/<categories>/latest/weights/lightning/model.ckpt) or an AutoencoderKL folder."
-            )
-            raise FileNotFoundError(msg)
-        logger.info("DiAD: autoencoder loaded from '%s' (latent scale %.5f).", path, latent_scale)
-        self._load_part(self.model.autoencoder, state_dict, f"the autoencoder of '{path}'")
-        self.model.latent_scale.fill_(latent_scale)
-
-    @staticmethod
-    def _load_part(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-        try:
-            module.load_state_dict(state_dict)
-        except RuntimeError as error:
-            msg = f"Weights of {source} do not fit this DiAD architecture (set `architecture` to match them): {error}"
-            raise ValueError(msg) from error
 
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Stage 1: autoencoder loss; stage 2: epsilon MSE of the SG-guided UNet."""

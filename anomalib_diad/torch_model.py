@@ -8,6 +8,7 @@ ImageNet normalisation); latents ``[B, 4, H/8, W/8]``; text context ``[B, L, D]`
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from enum import Enum
 from typing import NamedTuple
 
 import torch
@@ -21,12 +22,30 @@ from anomalib_diad.components.diffusers_models import (
     build_autoencoder,
     build_unet,
 )
+from anomalib_multiclass.options import parse_option
 from anomalib_multiclass.patch_memory import PatchMemory, check_patch_score_weight, patch_descriptors
 from anomalib_multiclass.score_statistics import CategoryScoreStatistics
 
-STAGES = ("autoencoder", "diffusion")
-POSTERIORS = ("sample", "mode")
-TRAIN_TIMESTEPS = ("uniform", "sampler")
+
+class Stage(str, Enum):
+    """DiAD's training stages."""
+
+    AUTOENCODER = "autoencoder"  # stage 1: fine-tune the autoencoder
+    DIFFUSION = "diffusion"  # stage 2: the SG network and the UNet
+
+
+class Posterior(str, Enum):
+    """The latent of an image at evaluation: a sample of the autoencoder's posterior (paper) or its mode."""
+
+    SAMPLE = "sample"
+    MODE = "mode"
+
+
+class TrainTimesteps(str, Enum):
+    """Stage 2's training timesteps: ``t ~ U{0..max_train_timestep}`` (paper) or the sampler's own timesteps."""
+
+    UNIFORM = "uniform"
+    SAMPLER = "sampler"
 LATENT_STRIDE = 8
 MIN_INPUT_SIZE = 128
 INPUT_MULTIPLE = 64  # the autoencoder's x8 times the UNet's three x2 downsamplings
@@ -75,9 +94,6 @@ class DiADModel(nn.Module):
             ``t ~ U{0, ..., max_train_timestep}`` (paper: 999).
         train_timesteps: ``"uniform"`` (paper: ``t ~ U{0, ..., max_train_timestep}``) or ``"sampler"``
             (``t`` drawn from the sampler's own DDIM timesteps, the only ones inference evaluates).
-        guidance_scale: classifier-free guidance with the same empty prompt and hint as the
-            conditional branch; the official 9.0 is mathematically a no-op that doubles compute,
-            so the default 1.0 skips it.
         posterior: latent of an image at evaluation: ``"sample"`` (paper) or ``"mode"`` of the autoencoder
             posterior; training always draws a sample (as the paper).
         sigma, score_pool_size, score_pool_repeats: see :class:`FeatureDistanceAnomalyMap` (None: the
@@ -111,7 +127,6 @@ class DiADModel(nn.Module):
         set_alpha_to_one: bool = False,
         max_train_timestep: int = NUM_TRAIN_TIMESTEPS - 1,
         train_timesteps: str = "uniform",
-        guidance_scale: float = 1.0,
         posterior: str = "sample",
         sigma: float | None = None,
         score_pool_size: int | None = None,
@@ -129,18 +144,12 @@ class DiADModel(nn.Module):
                 f"{INPUT_MULTIPLE} and at least {MIN_INPUT_SIZE} (e.g. 128 or 256)."
             )
             raise ValueError(msg)
-        if stage not in STAGES:
-            msg = f"Unknown stage '{stage}'. Choose 'autoencoder' (stage 1) or 'diffusion' (stage 2)."
-            raise ValueError(msg)
+        stage = parse_option(Stage, stage, "stage")
         if not 0 <= max_train_timestep < NUM_TRAIN_TIMESTEPS:
             msg = f"max_train_timestep must be in [0, {NUM_TRAIN_TIMESTEPS - 1}], got {max_train_timestep}."
             raise ValueError(msg)
-        if train_timesteps not in TRAIN_TIMESTEPS:
-            msg = f"Unknown train_timesteps '{train_timesteps}'. Choose 'uniform' (paper) or 'sampler'."
-            raise ValueError(msg)
-        if posterior not in POSTERIORS:
-            msg = f"Unknown posterior '{posterior}'. Choose 'sample' (paper) or 'mode'."
-            raise ValueError(msg)
+        train_timesteps = parse_option(TrainTimesteps, train_timesteps, "train_timesteps")
+        posterior = parse_option(Posterior, posterior, "posterior")
         check_patch_score_weight(patch_score_weight, normalize_per_category)
         config = architecture_config(architecture)
         self.input_size = (height, width)
@@ -173,7 +182,6 @@ class DiADModel(nn.Module):
         self.train_unet_encoder = train_unet_encoder
         self.max_train_timestep = max_train_timestep
         self.train_timesteps = train_timesteps
-        self.guidance_scale = guidance_scale
         self.posterior = posterior
         self.normalize_per_category = normalize_per_category
         self.set_stage(stage)
@@ -254,15 +262,11 @@ class DiADModel(nn.Module):
         return self.autoencoder.decode(latents / self.latent_scale).sample
 
     def predict_noise(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        """``eps_theta(z_t, t, c, x)`` ``[B, 4, h, w]``: the UNet with the SG residuals of the hint ``images``."""
-        if self.guidance_scale != 1.0:
-            doubled = self._denoise(noisy_latents.repeat(2, 1, 1, 1), timesteps.repeat(2), images.repeat(2, 1, 1, 1))
-            batch_size = noisy_latents.shape[0]
-            unconditional, conditional = doubled[:batch_size], doubled[batch_size:]
-            return unconditional + self.guidance_scale * (conditional - unconditional)
-        return self._denoise(noisy_latents, timesteps, images)
+        """``eps_theta(z_t, t, c, x)`` ``[B, 4, h, w]``: the UNet with the SG residuals of the hint ``images``.
 
-    def _denoise(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        The official code's classifier-free guidance (scale 9) mixes two branches with the same empty prompt and
+        the same hint, ``u + s (c - u) = u``: a no-op that doubles the compute, so it is not run.
+        """
         context = self.context.expand(noisy_latents.shape[0], -1, -1)
         down_residuals, mid_residual = self.sg_network(noisy_latents, timesteps, context, images)
         return self.unet(

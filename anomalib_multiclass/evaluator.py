@@ -11,7 +11,6 @@ the run directory (``trainer.default_root_dir``, where anomalib saves checkpoint
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import logging
@@ -59,7 +58,7 @@ class PerCategoryEvaluator(Evaluator):
     ) -> None:
         test_metrics = default_metrics() if test_metrics is None else test_metrics
         super().__init__(val_metrics=val_metrics, test_metrics=test_metrics, compute_on_cpu=compute_on_cpu)
-        self._templates = [copy.deepcopy(metric) for metric in self.test_metrics]
+        self._templates = [metric.clone() for metric in self.test_metrics]
         self._category_metrics: dict[str, list[AnomalibMetric]] = {}
         self.results: dict[str, dict[str, float]] = {}
 
@@ -112,7 +111,7 @@ class PerCategoryEvaluator(Evaluator):
             save_results(self.results, Path(trainer.default_root_dir))
 
     def _new_metrics(self) -> list[AnomalibMetric]:
-        metrics = [copy.deepcopy(metric) for metric in self._templates]
+        metrics = [metric.clone() for metric in self._templates]
         for metric in metrics:
             metric.compute_on_cpu = self.compute_on_cpu
         return metrics

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 from abc import abstractmethod
+from enum import Enum
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -244,8 +245,17 @@ class MultiClassModule(AnomalibModule):
         self._resumed_from_checkpoint = str(resumed_from) if resumed_from else None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the model class, the checkpoint format and the category names of the per-category state."""
+        """Store the model class, the checkpoint format and the category names of the per-category state.
+
+        Mode arguments given as ``(str, Enum)`` members are saved as their strings, so that checkpoints load
+        with torch's ``weights_only``.
+        """
         super().on_save_checkpoint(checkpoint)
+        if "hyper_parameters" in checkpoint:
+            checkpoint["hyper_parameters"] = {
+                key: value.value if isinstance(value, Enum) else value
+                for key, value in checkpoint["hyper_parameters"].items()
+            }
         checkpoint[CHECKPOINT_INFO_KEY] = {
             "model": type(self).__name__,
             "format": CHECKPOINT_FORMAT,

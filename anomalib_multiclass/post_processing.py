@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from enum import Enum
 from typing import Any
 
 import torch
@@ -11,9 +12,16 @@ from anomalib.post_processing import PostProcessor
 from lightning import LightningModule, Trainer
 from torchmetrics.utilities.distributed import gather_all_tensors
 
+from anomalib_multiclass.options import parse_option
+
 logger = logging.getLogger(__name__)
 
-THRESHOLD_SOURCES = ("normal", "f1_adaptive")
+
+class ThresholdSource(str, Enum):
+    """The images the thresholds are learned on: the normal validation images' quantile, or anomalib's F1 optimum."""
+
+    NORMAL = "normal"
+    F1_ADAPTIVE = "f1_adaptive"
 
 
 class RankPreservingPostProcessor(PostProcessor):
@@ -53,9 +61,7 @@ class RankPreservingPostProcessor(PostProcessor):
 
     def __init__(self, threshold_source: str = "normal", normal_quantile: float = 0.99, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if threshold_source not in THRESHOLD_SOURCES:
-            msg = f"Unknown threshold_source '{threshold_source}'. Choose one of {THRESHOLD_SOURCES}."
-            raise ValueError(msg)
+        threshold_source = parse_option(ThresholdSource, threshold_source, "threshold_source")
         if not 0 < normal_quantile <= 1:
             msg = f"normal_quantile must be in (0, 1], got {normal_quantile}."
             raise ValueError(msg)

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 from anomalib_multiclass.backbone import load_pretrained_backbone
 from anomalib_multiclass.datamodule import list_normal_images
 from anomalib_multiclass.multiclass_module import MultiClassModule, NotFittedError
+from anomalib_multiclass.options import parse_option
 from anomalib_onenip.anomaly_generator import OneNIPAnomalyGenerator
 from anomalib_onenip.components.prompt_pool import PromptPool, normalization
 from anomalib_onenip.loss import OneNIPLoss
@@ -182,10 +183,8 @@ class OneNIP(MultiClassModule):
             evaluator=evaluator,
             visualizer=visualizer,
         )
-        self.lr_schedule = _option(LRSchedule, lr_schedule, "lr_schedule")
-        calibration = _option(RefinerScaleCalibration, refiner_scale_calibration, "refiner_scale_calibration")
-        # plain strings in the hyper-parameters: checkpoints load with torch's weights_only
-        self.hparams.update(lr_schedule=self.lr_schedule.value, refiner_scale_calibration=calibration.value)
+        self.lr_schedule = parse_option(LRSchedule, lr_schedule, "lr_schedule")
+        calibration = parse_option(RefinerScaleCalibration, refiner_scale_calibration, "refiner_scale_calibration")
         self.model = OneNIPModel(
             backbone=backbone,
             layers=layers,
@@ -387,11 +386,3 @@ class OneNIP(MultiClassModule):
             self.category_names.append(name)
         logger.info("OneNIP: category '%s' added from %d normal images (index %d).", name, len(paths), index)
 
-
-def _option(kind: type[Enum], value: Enum | str, name: str) -> Enum:
-    """``value`` as a member of ``kind``, with an error that lists the choices."""
-    try:
-        return kind(value)
-    except ValueError:
-        msg = f"{name} must be one of {[member.value for member in kind]}, got '{value}'."
-        raise ValueError(msg) from None

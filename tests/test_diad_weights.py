@@ -18,7 +18,7 @@ from anomalib_diad.components.diffusers_models import (
     load_pretrained_autoencoder,
     load_pretrained_unet,
 )
-from anomalib_diad.lightning_model import UNET_ENCODER_PARTS
+from anomalib_diad.weights import UNET_ENCODER_PARTS
 
 TINY = {"architecture": "tiny", "input_size": (128, 128), "backbone": "tf_efficientnet_lite0", "layers": [1, 2, 3]}
 

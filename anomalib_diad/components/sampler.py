@@ -24,13 +24,20 @@ noise to the first timestep's small noise level (``sqrt(1 - alpha_cumprod[0]) = 
 from __future__ import annotations
 
 from collections.abc import Callable
+from enum import Enum
 
 import torch
 from torch import nn
 
 from anomalib_diad.components.diffusers_models import NUM_TRAIN_TIMESTEPS, build_ddim_scheduler
+from anomalib_multiclass.options import parse_option
 
-SCHEDULES = ("official", "truncated")
+
+class DDIMSchedule(str, Enum):
+    """DDIM timesteps: ldm's ``official`` ones from t = 999, or ``truncated`` ones from ``noise_timestep``."""
+
+    OFFICIAL = "official"
+    TRUNCATED = "truncated"
 OFFICIAL_NOISE_TIMESTEP = NUM_TRAIN_TIMESTEPS - 1
 
 
@@ -59,9 +66,7 @@ class DDIMSampler(nn.Module):
         if not 0 <= noise_timestep < NUM_TRAIN_TIMESTEPS:
             msg = f"noise_timestep must be in [0, {NUM_TRAIN_TIMESTEPS - 1}], got {noise_timestep}."
             raise ValueError(msg)
-        if schedule not in SCHEDULES:
-            msg = f"Unknown ddim_schedule '{schedule}'. Choose 'official' (paper) or 'truncated'."
-            raise ValueError(msg)
+        schedule = parse_option(DDIMSchedule, schedule, "ddim_schedule")
         if schedule == "official" and noise_timestep != OFFICIAL_NOISE_TIMESTEP:
             first_step = (num_steps - 1) * (NUM_TRAIN_TIMESTEPS // num_steps) + 1
             msg = (

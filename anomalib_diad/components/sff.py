@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from enum import Enum
 
 import torch
 from torch import nn
 
-SFF_INITS = ("default", "zero")
+from anomalib_multiclass.options import parse_option
+
+
+class SFFInit(str, Enum):
+    """Initialisation of the SFF block: PyTorch's (it learns) or the official zeros (it never learns)."""
+
+    DEFAULT = "default"
+    ZERO = "zero"
 
 
 class SpatialFeatureFusion(nn.Module):
@@ -29,9 +37,7 @@ class SpatialFeatureFusion(nn.Module):
 
     def __init__(self, source_channels: Sequence[int], target_channels: int, init: str = "default") -> None:
         super().__init__()
-        if init not in SFF_INITS:
-            msg = f"Unknown sff_init '{init}'. Choose 'default' (SFF learns) or 'zero' (faithful, never learns)."
-            raise ValueError(msg)
+        init = parse_option(SFFInit, init, "sff_init")
         self.branches = nn.ModuleList(
             nn.ModuleList(
                 nn.Sequential(

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from enum import Enum
 
 import torch
 from torch import nn
 
 from anomalib_diad.components.diffusers_models import build_controlnet
 from anomalib_diad.components.sff import SpatialFeatureFusion
+from anomalib_multiclass.options import parse_option
 
-INJECT_LEVELS = ("deepest", "all")
+
+class InjectLevels(str, Enum):
+    """Where the SG network's residuals enter the UNet: the middle block and the three deepest skips (faithful), or all."""
+
+    DEEPEST = "deepest"
+    ALL = "all"
 NUM_RESIDUALS = 12
 SFF_SOURCES = slice(6, 9)
 SFF_TARGETS = slice(9, 12)
@@ -50,9 +57,7 @@ class SemanticGuidedNetwork(nn.Module):
                 f"block_out_channels={channels}, layers_per_block={unet.config.layers_per_block}."
             )
             raise ValueError(msg)
-        if inject_levels not in INJECT_LEVELS:
-            msg = f"Unknown inject_levels '{inject_levels}'. Choose 'deepest' (faithful) or 'all'."
-            raise ValueError(msg)
+        inject_levels = parse_option(InjectLevels, inject_levels, "inject_levels")
         self.controlnet = build_controlnet(unet, hint_channels)
         self.sff = (
             SpatialFeatureFusion((channels[1], channels[2], channels[2]), channels[3], sff_init) if use_sff else None

@@ -46,7 +46,7 @@ class OfficialStyleDiAD(DiADModel):
 
     def predict_noise(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         batch_size = noisy_latents.shape[0]
-        doubled = self._denoise(noisy_latents.repeat(2, 1, 1, 1), timesteps.repeat(2), images.repeat(2, 1, 1, 1))
+        doubled = super().predict_noise(noisy_latents.repeat(2, 1, 1, 1), timesteps.repeat(2), images.repeat(2, 1, 1, 1))
         unconditional, conditional = doubled[:batch_size], doubled[batch_size:]
         return unconditional + 1.0 * (conditional - unconditional)
 
