@@ -7,23 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.tiny_models import TINY_ONENIP
+
 # Tests never touch the network: hub look-ups fail at once instead of retrying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REAL_AD_ENV = "REAL_AD_ROOT"
 
-TINY_ONENIP = {
-    "backbone": "tf_efficientnet_lite0",
-    "pre_trained": False,
-    "input_size": (64, 64),
-    "hidden_dim": 32,
-    "num_heads": 2,
-    "num_encoder_layers": 1,
-    "num_decoder_layers": 1,
-    "dim_feedforward": 64,
-    "refiner_channels": 16,
-    "visualizer": False,
-}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

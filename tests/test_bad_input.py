@@ -15,22 +15,13 @@ from anomalib.cli.cli import AnomalibCLI
 from PIL import Image
 
 from anomalib_multiclass.multiclass_module import IncompatibleCheckpointError
+from tests.tiny_models import TINY_DIAD, TINY_ONENIP, cli_args
 
 pytestmark = pytest.mark.slow
 
 MODEL_ARGS = {
-    "OneNIP": [
-        "--model", "OneNIP", "--model.backbone", "tf_efficientnet_lite0", "--model.pre_trained", "false",
-        "--model.input_size", "[64,64]", "--model.hidden_dim", "32", "--model.num_heads", "2",
-        "--model.num_encoder_layers", "1", "--model.num_decoder_layers", "1", "--model.dim_feedforward", "64",
-        "--model.visualizer", "false",
-    ],
-    "DiAD": [
-        "--model", "DiAD", "--model.architecture", "tiny", "--model.input_size", "[128,128]",
-        "--model.diffusion_weights", "null", "--model.pre_trained", "false", "--model.backbone", "resnet18",
-        "--model.stage", "diffusion", "--model.ddim_steps", "1", "--model.calibration_images_per_category", "2",
-        "--model.visualizer", "false",
-    ],
+    "OneNIP": ["--model", "OneNIP", *cli_args(TINY_ONENIP)],
+    "DiAD": ["--model", "DiAD", *cli_args({**TINY_DIAD, "stage": "diffusion"})],
 }
 MODELS = list(MODEL_ARGS)
 TRAINER = ["--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",

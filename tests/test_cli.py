@@ -7,14 +7,12 @@ from pathlib import Path
 import pytest
 
 from tests.cli import run_anomalib
+from tests.tiny_models import TINY_ONENIP, cli_args, yaml_init_args
 
 pytestmark = pytest.mark.slow
 
 TINY_ARGS = [
-    "--model.backbone", "tf_efficientnet_lite0", "--model.pre_trained", "false", "--model.input_size", "[64,64]",
-    "--model.hidden_dim", "32", "--model.num_heads", "2", "--model.num_encoder_layers", "1",
-    "--model.num_decoder_layers", "1", "--model.dim_feedforward", "64", "--model.visualizer", "false",
-    "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+    *cli_args(TINY_ONENIP), "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
 ]
 
 
@@ -30,9 +28,7 @@ def test_train_from_yaml_config_without_the_start_up_hook(tiny_dataset: Path, tm
     """YAML ``class_path`` entries are the primary interface: they need no start-up hook."""
     config = tmp_path / "onenip.yaml"
     config.write_text(
-        "model:\n  class_path: anomalib_onenip.OneNIP\n  init_args:\n    backbone: tf_efficientnet_lite0\n"
-        "    pre_trained: false\n    input_size: [64, 64]\n    hidden_dim: 32\n    num_heads: 2\n"
-        "    num_encoder_layers: 1\n    num_decoder_layers: 1\n    visualizer: false\n"
+        f"model:\n  class_path: anomalib_onenip.OneNIP\n  init_args:\n{yaml_init_args(TINY_ONENIP)}"
         f"data:\n  class_path: anomalib_multiclass.MultiClassAD\n  init_args:\n    root: {tiny_dataset}\n"
         "    categories: [brick, gravel]\n    num_workers: 0\n"
         "trainer:\n  max_epochs: 1\n  accelerator: cpu\n  enable_progress_bar: false\n"

@@ -10,22 +10,13 @@ import pytest
 import torch
 
 from tests.cli import run_anomalib
+from tests.tiny_models import TINY_DIAD, cli_args, yaml_init_args
 
 pytest.importorskip("diffusers")
 
 pytestmark = pytest.mark.slow
 
 CATEGORIES = ["brick", "gravel"]
-TINY_MODEL = {
-    "architecture": "tiny",
-    "input_size": [128, 128],
-    "diffusion_weights": None,
-    "pre_trained": False,
-    "backbone": "resnet18",
-    "ddim_steps": 1,
-    "calibration_images_per_category": 2,
-    "visualizer": False,
-}
 TRAINER_ARGS = ["--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]
 
 
@@ -54,7 +45,7 @@ def _data_args(root: Path) -> list[str]:
 def two_stage_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Stage 1 with the short name and flags, stage 2 from a YAML ``class_path`` loading stage 1's autoencoder."""
     work = tmp_path_factory.mktemp("diad_cli")
-    model_flags = [item for key, value in TINY_MODEL.items() for item in (f"--model.{key}", _flag(value))]
+    model_flags = cli_args(TINY_DIAD)
     stage1 = run_anomalib(
         [
             "train",
@@ -72,7 +63,7 @@ def two_stage_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) 
     )
     stage1_run = work / "stage1" / "DiAD" / tiny_dataset.name / "+".join(CATEGORIES) / "latest"
     stage1_checkpoint = stage1_run / "weights" / "lightning" / "model.ckpt"
-    init_args = "".join(f"    {key}: {json.dumps(value)}\n" for key, value in TINY_MODEL.items())
+    init_args = yaml_init_args(TINY_DIAD)
     config = work / "stage2.yaml"
     config.write_text(
         f"model:\n  class_path: anomalib_diad.DiAD\n  init_args:\n{init_args}"
@@ -220,6 +211,6 @@ def test_exporting_an_unfitted_diad_is_refused(tmp_path: Path) -> None:
     from anomalib_diad import DiAD
     from anomalib_multiclass.multiclass_module import NotFittedError
 
-    model = DiAD(**{key: value for key, value in TINY_MODEL.items() if key != "visualizer"})
+    model = DiAD(**{key: value for key, value in TINY_DIAD.items() if key != "visualizer"})
     with pytest.raises(NotFittedError, match="DiAD has no trained weights: it was never fitted"):
         model.to_openvino(tmp_path, input_size=(128, 128))

@@ -14,8 +14,9 @@ from anomalib_diad import DiAD
 from anomalib_diad.components import DDIMSampler, FeatureDistanceAnomalyMap, SemanticGuidedNetwork
 from anomalib_diad.components.diffusers_models import build_ddim_scheduler, build_unet
 from anomalib_diad.torch_model import DiADModel
+from tests.tiny_models import TINY_DIAD_MODEL
 
-TINY = {"architecture": "tiny", "input_size": (128, 128), "backbone": "resnet18", "ddim_steps": 2}
+TINY = {**TINY_DIAD_MODEL, "ddim_steps": 2}
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,9 @@ from anomalib_diad.components.diffusers_models import (
     load_pretrained_unet,
 )
 from anomalib_diad.weights import UNET_ENCODER_PARTS
+from tests.tiny_models import TINY_DIAD_MODEL
 
-TINY = {"architecture": "tiny", "input_size": (128, 128), "backbone": "tf_efficientnet_lite0", "layers": [1, 2, 3]}
+TINY = {**TINY_DIAD_MODEL, "backbone": "tf_efficientnet_lite0", "layers": [1, 2, 3]}
 
 
 @pytest.fixture(scope="module")

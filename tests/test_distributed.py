@@ -18,20 +18,16 @@ from anomalib_multiclass import MultiClassAD
 from anomalib_multiclass.resumable import EpochShuffleSampler
 from tests.cli import run_anomalib
 from tests.distributed_support import largest_difference, refit_in_one_process, run_checkpoint, run_config, run_metrics
+from tests.tiny_models import TINY_DIAD, TINY_ONENIP, yaml_init_args
 
 REPO = Path(__file__).resolve().parents[1]
 CATEGORIES = ["brick", "grass"]
 BATCH = 4  # per rank
-ONENIP = (
-    "  class_path: anomalib_onenip.OneNIP\n  init_args:\n    backbone: tf_efficientnet_lite0\n    pre_trained: false\n"
-    "    input_size: [64, 64]\n    hidden_dim: 32\n    num_heads: 2\n    num_encoder_layers: 1\n"
-    "    num_decoder_layers: 1\n    dim_feedforward: 64\n    visualizer: false\n"
-)
+ONENIP = f"  class_path: anomalib_onenip.OneNIP\n  init_args:\n{yaml_init_args(TINY_ONENIP)}"
 DIAD = (
-    "  class_path: anomalib_diad.DiAD\n  init_args:\n    architecture: tiny\n    input_size: [128, 128]\n"
-    "    diffusion_weights: null\n    pre_trained: false\n    backbone: resnet18\n    stage: {stage}\n"
-    "    ddim_steps: 1\n    calibration_images_per_category: 4\n    accumulate_grad_batches: 1\n    visualizer: false\n"
-    "{extra}"
+    "  class_path: anomalib_diad.DiAD\n  init_args:\n"
+    + yaml_init_args({**TINY_DIAD, "calibration_images_per_category": 4, "accumulate_grad_batches": 1})
+    + "    stage: {stage}\n{extra}"
 )
 
 

@@ -16,6 +16,7 @@ import torch
 from anomalib_onenip import OneNIP
 from tests.cli import run_anomalib
 from tests.export_parity import (
+from tests.tiny_models import TINY_ONENIP, cli_args
     OPENVINO_F32,
     assert_parity,
     load_images,
@@ -29,10 +30,7 @@ pytestmark = pytest.mark.slow
 MAP_TOLERANCE = 1e-3  # of the anomaly map's range
 EXAMPLE = Path(__file__).parents[1] / "examples" / "openvino_predict.py"
 TINY_ARGS = [
-    "--model.backbone", "tf_efficientnet_lite0", "--model.pre_trained", "false", "--model.input_size", "[64,64]",
-    "--model.hidden_dim", "32", "--model.num_heads", "2", "--model.num_encoder_layers", "1",
-    "--model.num_decoder_layers", "1", "--model.dim_feedforward", "64", "--model.visualizer", "false",
-    "--trainer.max_epochs", "2", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+    *cli_args(TINY_ONENIP), "--trainer.max_epochs", "2", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
 ]
 
 
@@ -213,7 +211,7 @@ def test_example_runs_without_torch(exports: dict[str, Path], model: OneNIP, tin
 # ------------------------------------------------------------------------------------------- errors
 def test_exporting_a_model_that_was_never_fitted_is_refused(tmp_path: Path) -> None:
     from anomalib_multiclass.multiclass_module import NotFittedError
-    from tests.conftest import TINY_ONENIP
+    from tests.tiny_models import TINY_ONENIP
 
     with pytest.raises(NotFittedError, match="OneNIP has no prompt bank: it was never fitted"):
         OneNIP(**TINY_ONENIP).to_onnx(tmp_path, input_size=(64, 64))

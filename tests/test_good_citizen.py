@@ -89,7 +89,7 @@ def test_setup_installs_the_checkpoint_io_only_over_anomalibs_plain_one(user_io:
     from anomalib.engine.plugins import AnomalibCheckpointIO
 
     from anomalib_onenip import OneNIP
-    from tests.conftest import TINY_ONENIP
+    from tests.tiny_models import TINY_ONENIP
 
     class UserIO(AnomalibCheckpointIO):
         pass
@@ -134,9 +134,9 @@ def test_category_score_statistics_match_the_former_formulas() -> None:
 def test_onenip_reads_statistics_saved_in_the_prompt_bank() -> None:
     """Checkpoints written before the statistics were shared (``prompt_bank.score_mean``) or kappa per category still load."""
     from anomalib_onenip.torch_model import OneNIPModel
+    from tests.tiny_models import TINY_ONENIP_MODEL
 
-    model = OneNIPModel(backbone="tf_efficientnet_lite0", input_size=(64, 64), hidden_dim=32, num_heads=2,
-                        num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=64, refiner_channels=16)
+    model = OneNIPModel(**TINY_ONENIP_MODEL)
     state_dict = model.state_dict()
     del state_dict["score_statistics.mean"], state_dict["score_statistics.std"]
     state_dict["prompt_bank.score_mean"] = torch.tensor([1.0, 2.0])

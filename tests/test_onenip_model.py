@@ -11,7 +11,7 @@ from lightning.pytorch import Callback
 
 from anomalib_multiclass import CategoryImageBatch, MultiClassAD
 from anomalib_onenip import OneNIP
-from tests.conftest import TINY_ONENIP
+from tests.tiny_models import TINY_ONENIP
 
 
 def _test_batch(datamodule: MultiClassAD, model: OneNIP) -> CategoryImageBatch:

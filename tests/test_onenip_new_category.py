@@ -18,7 +18,7 @@ from anomalib_multiclass.multiclass_module import NotFittedError
 from anomalib_multiclass.datamodule import read_rgb_image
 from anomalib_onenip import OneNIP
 from anomalib_onenip.new_category import main as add_category_cli
-from tests.conftest import TINY_ONENIP
+from tests.tiny_models import TINY_ONENIP
 from tests.export_parity import assert_parity, run_exported, torch_outputs
 
 KNOWN = ["brick", "grass"]

@@ -13,7 +13,7 @@ from torchmetrics.functional.classification import binary_auroc
 from anomalib_multiclass import MultiClassAD
 from anomalib_onenip import OneNIP
 from anomalib_onenip.loss import OneNIPLoss
-from tests.conftest import TINY_ONENIP
+from tests.tiny_models import TINY_ONENIP
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ from anomalib_multiclass.patch_memory import (
 )
 from anomalib_onenip import OneNIP
 from anomalib_onenip.torch_model import OneNIPModel
-from tests.conftest import TINY_ONENIP
+from tests.tiny_models import TINY_ONENIP, TINY_ONENIP_MODEL
 from tests.export_parity import assert_parity, load_images, run_exported, torch_outputs
 
 
@@ -72,12 +72,9 @@ def test_standardised_score_uses_each_images_category_and_survives_a_state_dict_
 
 
 def test_checkpoints_without_a_patch_memory_load_with_an_empty_one() -> None:
-    old = OneNIPModel(backbone="tf_efficientnet_lite0", input_size=(64, 64), hidden_dim=32, num_heads=2,
-                      num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=64, refiner_channels=16)
+    old = OneNIPModel(**TINY_ONENIP_MODEL)
     state = {key: value for key, value in old.state_dict().items() if not key.startswith("patch_memory.")}
-    model = OneNIPModel(backbone="tf_efficientnet_lite0", input_size=(64, 64), hidden_dim=32, num_heads=2,
-                        num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=64, refiner_channels=16,
-                        patch_score_weight=0.5)
+    model = OneNIPModel(**TINY_ONENIP_MODEL, patch_score_weight=0.5)
     model.load_state_dict(state)
     assert model.patch_memory.is_empty
 
@@ -89,8 +86,7 @@ def test_checkpoints_without_a_patch_memory_load_with_an_empty_one() -> None:
 ])
 def test_bad_patch_options_are_refused(options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        OneNIPModel(backbone="tf_efficientnet_lite0", input_size=(64, 64), hidden_dim=32, num_heads=2,
-                    num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=64, **options)
+        OneNIPModel(**TINY_ONENIP_MODEL, **options)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch
 
 from anomalib_onenip import OneNIP
 from anomalib_onenip.components.prompt_pool import PromptPool, normalization, representative_indices
-from tests.conftest import TINY_ONENIP
+from tests.tiny_models import TINY_ONENIP
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from lightning.pytorch import seed_everything
 
 from anomalib_multiclass import MultiClassAD
 from anomalib_onenip import OneNIP
-from tests.conftest import TINY_ONENIP
+from tests.tiny_models import TINY_ONENIP
 from tests.export_parity import assert_parity, run_exported, torch_outputs
 
 

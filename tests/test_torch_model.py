@@ -9,8 +9,9 @@ import torch
 from anomalib.data import InferenceBatch
 
 from anomalib_onenip.torch_model import OneNIPModel
+from tests.tiny_models import TINY_ONENIP_MODEL
 
-SMALL = {"hidden_dim": 32, "num_heads": 2, "num_encoder_layers": 1, "num_decoder_layers": 1, "dim_feedforward": 64}
+SMALL = {key: value for key, value in TINY_ONENIP_MODEL.items() if key not in ("backbone", "input_size")}
 
 
 @pytest.mark.parametrize(
