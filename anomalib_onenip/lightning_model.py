@@ -37,7 +37,7 @@ from anomalib_multiclass.datamodule import list_normal_images
 from anomalib_multiclass.multiclass_module import MultiClassModule, NotFittedError
 from anomalib_multiclass.options import parse_option
 from anomalib_onenip.anomaly_generator import OneNIPAnomalyGenerator
-from anomalib_onenip.components.prompt_pool import PromptPool, normalization
+from anomalib_onenip.components.prompt_pool import PromptPool, RefinerScaleCalibration, normalization
 from anomalib_onenip.loss import OneNIPLoss
 from anomalib_onenip.torch_model import OneNIPModel
 
@@ -49,13 +49,6 @@ class LRSchedule(str, Enum):
 
     STEP = "step"  # the paper's: StepLR per epoch
     WARMUP_STEP = "warmup_step"  # linear warm-up, then one step decay, as fractions of the run
-
-
-class RefinerScaleCalibration(str, Enum):
-    """The images over which the refiner scale ``kappa`` is taken (see :class:`PromptPool`)."""
-
-    NORMAL = "normal"
-    SYNTHETIC = "synthetic"
 
 
 class OneNIP(MultiClassModule):
@@ -71,15 +64,10 @@ class OneNIP(MultiClassModule):
             of timm's hub weights. Defaults to ``None``.
         input_size (Sequence[int]): image size ``(H, W)``, multiples of 16 (paper: 224, 256 or 320).
             Defaults to ``(256, 256)``.
-        hidden_dim (int): transformer width. Defaults to ``256``.
-        num_heads (int): attention heads. Defaults to ``8``.
-        num_encoder_layers (int): encoder layers. Defaults to ``4``.
-        num_decoder_layers (int): prompt-decoder layers. Defaults to ``4``.
-        dim_feedforward (int): feed-forward width. Defaults to ``1024``.
-        dropout (float): transformer dropout. Defaults to ``0.1``.
+        hidden_dim, num_heads, num_encoder_layers, num_decoder_layers, dim_feedforward (int), dropout (float):
+            transformer sizes. Default to the paper's ``256``, ``8``, ``4``, ``4``, ``1024``, ``0.1``.
         use_neighbor_mask (bool): UniAD's neighbour attention mask. Defaults to ``True``.
-        feature_jitter_scale (float): feature jitter scale in training. Defaults to ``20.0``.
-        feature_jitter_prob (float): probability of jittering a batch. Defaults to ``1.0``.
+        feature_jitter_scale, feature_jitter_prob (float): UniAD's feature jitter in training. Default to ``20.0``, ``1.0``.
         refiner_channels (int): refiner width. Defaults to ``128``.
         reconstruction_weight (float): weight ``lambda`` of the reconstruction map in the fused map.
             Defaults to ``0.5``.
@@ -101,16 +89,13 @@ class OneNIP(MultiClassModule):
             (paper: none). Dice alone lets the refiner collapse to "nothing anomalous" in short runs; this term keeps
             a gradient on every wrong pixel. Defaults to ``0.0``.
         refiner_focal_gamma (float): focusing exponent of that term (0: binary cross-entropy). Defaults to ``0.0``.
-        lr (float): AdamW learning rate. Defaults to ``1e-4``.
-        weight_decay (float): AdamW weight decay. Defaults to ``1e-4``.
+        lr, weight_decay (float): AdamW's. Default to ``1e-4``, ``1e-4``.
         lr_schedule (LRSchedule | str): ``"step"``: StepLR per epoch (``lr_step_epochs``, ``lr_gamma``; the paper's
             800, 0.1). ``"warmup_step"``: a linear warm-up over ``lr_warmup_fraction`` of the optimizer steps,
             then ``lr`` until ``lr_decay_fraction`` of them (the paper's 800 of 1000 epochs is 0.8), then
             ``lr * lr_gamma``, so that any ``max_epochs`` gets the whole schedule. Defaults to ``"step"``.
-        lr_step_epochs (int): StepLR step. Defaults to ``800``.
-        lr_gamma (float): decay factor of both schedules. Defaults to ``0.1``.
-        lr_warmup_fraction (float): see ``lr_schedule``. Defaults to ``0.05``.
-        lr_decay_fraction (float): see ``lr_schedule``. Defaults to ``0.8``.
+        lr_step_epochs (int), lr_gamma, lr_warmup_fraction, lr_decay_fraction (float): see ``lr_schedule``.
+            Default to ``800``, ``0.1``, ``0.05``, ``0.8``.
         gradient_clip_val (float): global gradient-norm clip. Defaults to ``0.1``.
         prompts_per_category (int): encoded prompts per category in the prompt bank. Defaults to ``1``.
         calibration_images_per_category (int): training images per category that set ``kappa`` and the score
@@ -348,11 +333,9 @@ class OneNIP(MultiClassModule):
     def add_category(self, name: str, images: str | Path | Sequence[str | Path], replace: bool = False) -> None:
         """Add category ``name`` to this trained model from normal images, without a gradient step.
 
-        Everything the trained categories got from training is computed for the new one from its images, in
-        the same way (:meth:`PromptPool.add_category`): its prompts, its refiner scale ``kappa``, its score
-        statistics and patch memory. The weights and every other category's state keep their exact values, so
-        the trained categories' outputs with their category given are unchanged. Without a category (nearest
-        prompt) an image of another category may now choose the new category's prompt, if that is the nearest.
+        Its prompts, ``kappa``, score statistics and patch memory come from its images as training computes them
+        for the others (:meth:`PromptPool.add_category`); the weights and every other category's state keep their
+        exact values. Without a category (nearest prompt) an image may now choose the new category's prompt.
 
         Args:
             name: the new category's name (the batches' ``category`` tag with :class:`MultiClassAD`).
@@ -366,9 +349,8 @@ class OneNIP(MultiClassModule):
                 another size (naming the file).
             FileNotFoundError: the folder or an image does not exist.
         """
-        missing = self.missing_fitted_state()
-        if missing is not None or not self.category_names:
-            msg = f"OneNIP has no {missing or 'category names'}: train it first, then add categories to its checkpoint."
+        if self.missing_fitted_state() is not None or not self.category_names:
+            msg = "OneNIP has no prompt bank: train it first, then add categories to its checkpoint."
             raise NotFittedError(msg)
         if not isinstance(name, str) or not name.strip():
             msg = f"The category name must be a non-empty string, got {name!r}."

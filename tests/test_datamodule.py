@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from anomalib_multiclass import CategoryImageBatch, MultiClassAD
-from anomalib_multiclass.datamodule import read_rgb_image
+from anomalib_multiclass.datamodule import PredictImages, read_rgb_image
 
 
 def _setup(root: Path, **kwargs) -> MultiClassAD:  # noqa: ANN003
@@ -82,6 +82,20 @@ def test_corrupt_image_is_named(tmp_path: Path, content: bytes) -> None:
     path.write_bytes(content)
     with pytest.raises(ValueError, match=r"Cannot read image '.*broken.png'"):
         read_rgb_image(str(path))
+
+
+def test_missing_image_is_named_as_missing(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"Image '.*gone.png' does not exist"):
+        read_rgb_image(str(tmp_path / "gone.png"))
+
+
+def test_predict_images_takes_a_list_of_files_in_order(tiny_dataset: Path) -> None:
+    files = sorted((tiny_dataset / "brick" / "train" / "good").iterdir())[:3][::-1]
+    dataset = PredictImages(files)
+    assert [Path(dataset[index].image_path) for index in range(3)] == files
+    assert torch.equal(dataset[0].image, read_rgb_image(str(files[0])))
+    with pytest.raises(ValueError, match="empty list of image files"):
+        PredictImages([])
 
 
 def test_truncated_image_is_named(tiny_dataset: Path, tmp_path: Path) -> None:

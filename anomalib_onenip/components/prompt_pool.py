@@ -12,6 +12,7 @@ so checkpoints and exports carry it; the pool itself is a training-time cache.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from enum import Enum
 from pathlib import Path
 
 import torch
@@ -26,6 +27,13 @@ from anomalib_multiclass.patch_memory import category_memory, keep_random_patche
 from anomalib_onenip.torch_model import OneNIPModel
 
 READ_BATCH_SIZE = 16
+
+
+class RefinerScaleCalibration(str, Enum):
+    """The images over which the refiner scale ``kappa = (max R + min R) / 2`` is taken."""
+
+    NORMAL = "normal"  # the calibration images (normal training images)
+    SYNTHETIC = "synthetic"  # those and their synthetic-anomaly twins, so that the range holds anomalous pixels
 
 AnomalyGenerator = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
