@@ -400,3 +400,16 @@ def test_sd15_architecture_has_the_official_parameter_counts() -> None:
         network = SemanticGuidedNetwork(unet, (16, 32, 96, 256))
     assert (millions(unet), millions(autoencoder)) == (859.52, 83.65)
     assert (millions(network.controlnet), millions(network.sff)) == (361.28, 110.59)
+
+
+def test_an_unknown_category_is_refused_and_untagged_images_are_served() -> None:
+    """One rule for both models: a category tag the model was not trained on is an error that names it."""
+    from types import SimpleNamespace
+
+    model = DiAD(**TINY, diffusion_weights=None, pre_trained=False)
+    model.category_names = ["brick", "grass"]
+    images = torch.zeros(2, 3, 128, 128)
+    assert model.category_index(SimpleNamespace(image=images, category=["grass", "brick"])).tolist() == [1, 0]
+    assert model.category_index(SimpleNamespace(image=images, category=None)) is None
+    with pytest.raises(ValueError, match=r"Categories \['marble'\] were not in DiAD's training data .* Train the model"):
+        model.category_index(SimpleNamespace(image=images, category=["brick", "marble"]))
