@@ -97,7 +97,6 @@ class OneNIP(MultiClassModule):
         lr_step_epochs (int), lr_gamma, lr_warmup_fraction, lr_decay_fraction (float): see ``lr_schedule``.
             Default to ``800``, ``0.1``, ``0.05``, ``0.8``.
         gradient_clip_val (float): global gradient-norm clip. Defaults to ``0.1``.
-        prompts_per_category (int): encoded prompts per category in the prompt bank. Defaults to ``1``.
         calibration_images_per_category (int): training images per category that set ``kappa`` and the score
             statistics. Defaults to ``64``.
         refiner_scale_calibration (RefinerScaleCalibration | str): ``"normal"``: ``kappa = (max R + min R) / 2`` over
@@ -150,7 +149,6 @@ class OneNIP(MultiClassModule):
         lr_warmup_fraction: float = 0.05,
         lr_decay_fraction: float = 0.8,
         gradient_clip_val: float = 0.1,
-        prompts_per_category: int = 1,
         calibration_images_per_category: int = 64,
         refiner_scale_calibration: RefinerScaleCalibration | str = "normal",
         reuse_cached_query_features: bool = True,
@@ -195,7 +193,6 @@ class OneNIP(MultiClassModule):
         self.prompt_pool = PromptPool(
             transform=getattr(self.pre_processor, "transform", None),
             anomaly_generator=self.anomaly_generator,
-            prompts_per_category=prompts_per_category,
             calibration_images_per_category=calibration_images_per_category,
             refiner_scale_calibration=calibration,
         )

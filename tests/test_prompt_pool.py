@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from anomalib_onenip import OneNIP
-from anomalib_onenip.components.prompt_pool import PromptPool, normalization, representative_indices
+from anomalib_onenip.components.prompt_pool import PromptPool, medoid_index, normalization
 from tests.tiny_models import TINY_ONENIP
 
 
@@ -48,21 +48,18 @@ def test_prompt_bank_and_calibration_come_from_the_pool(model: OneNIP) -> None:
     pool.build_prompt_bank(model.model, ["a", "b"])
     bank = model.model.prompt_bank
     assert bank.categories.tolist() == [0, 1]
-    medoid = representative_indices(model.model.global_features(pool.features["b"]), 1)
-    torch.testing.assert_close(bank.tokens[1], model.model.encode_prompts(pool.features["b"][medoid])[0])
+    medoid = medoid_index(model.model.global_features(pool.features["b"]))
+    torch.testing.assert_close(bank.tokens[1], model.model.encode_prompts(pool.features["b"][medoid : medoid + 1])[0])
     assert model.model.refiner_scale.shape == (2,) and model.model.refiner_scale[0] == model.model.refiner_scale[1]
     assert model.model.score_statistics.mean.shape == (2,)
     with pytest.raises(RuntimeError, match="No cached training features"):
         PromptPool(None, model.anomaly_generator).build_prompt_bank(model.model, ["a"])
 
 
-def test_representative_prompts_are_the_medoid_then_the_farthest() -> None:
+def test_the_prompt_is_the_image_nearest_the_categorys_mean_direction() -> None:
     features = torch.tensor([[1.0, 0.2], [1.0, 0.0], [1.0, -0.2], [-1.0, 0.0]])  # mean direction: the second
-    assert representative_indices(features, 1).tolist() == [1]
-    assert representative_indices(features, 2).tolist() == [1, 3]
-    assert representative_indices(features, 9).tolist()[:2] == [1, 3]
-    with pytest.raises(ValueError, match="prompts_per_category must be at least 1"):
-        PromptPool(None, lambda images: (images, images), prompts_per_category=0)
+    assert medoid_index(features) == 1
+    assert medoid_index(features[2:3]) == 0
 
 
 def test_image_files_are_read_as_one_image_at_a_time_was(model: OneNIP, tiny_dataset: Path) -> None:

@@ -47,16 +47,10 @@ def normalization(transform: Transform | None, device: torch.device) -> tuple[to
     return mean, torch.tensor(normalizers[0].std, device=device).view(1, -1, 1, 1)
 
 
-def representative_indices(global_features: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices of ``count`` representative rows of ``global_features [n, C]``: the medoid, then farthest points."""
+def medoid_index(global_features: torch.Tensor) -> int:
+    """The row of ``global_features [n, C]`` whose direction is nearest the mean direction (cosine)."""
     normalized = F.normalize(global_features, dim=-1)
-    similarity_to_mean = normalized @ F.normalize(normalized.mean(dim=0), dim=0)
-    chosen = [int(similarity_to_mean.argmax())]
-    distance = 1 - normalized @ normalized[chosen[0]]
-    for _ in range(min(count, len(normalized)) - 1):
-        chosen.append(int(distance.argmax()))
-        distance = torch.minimum(distance, 1 - normalized @ normalized[chosen[-1]])
-    return torch.tensor(chosen)
+    return int((normalized @ F.normalize(normalized.mean(dim=0), dim=0)).argmax())
 
 
 class PromptPool:
@@ -66,8 +60,6 @@ class PromptPool:
         transform: the model's pre-processing transform (resize, normalise), applied to image files it reads.
         anomaly_generator: the training's synthetic-anomaly generator, ``images in [0, 1] [B, 3, H, W] ->
             (anomalous images, masks)``, for ``refiner_scale_calibration="synthetic"``.
-        prompts_per_category: prompts per category in the prompt bank: the training image whose global
-            feature is nearest the category's mean, then farthest points. Defaults to ``1``.
         calibration_images_per_category: training images per category (evenly spaced) that set ``kappa``,
             the score statistics and the patch score's statistics. Defaults to ``64``.
         refiner_scale_calibration: the images over which ``kappa = (max R + min R) / 2`` is taken: ``"normal"``,
@@ -85,16 +77,11 @@ class PromptPool:
         self,
         transform: Transform | None,
         anomaly_generator: AnomalyGenerator,
-        prompts_per_category: int = 1,
         calibration_images_per_category: int = 64,
         refiner_scale_calibration: str = "normal",
     ) -> None:
-        if prompts_per_category < 1:
-            msg = f"prompts_per_category must be at least 1, got {prompts_per_category}."
-            raise ValueError(msg)
         self.transform = transform
         self.anomaly_generator = anomaly_generator
-        self.prompts_per_category = prompts_per_category
         self.calibration_images_per_category = calibration_images_per_category
         self.refiner_scale_calibration = refiner_scale_calibration
         self.features: dict[str, torch.Tensor] = {}
@@ -304,8 +291,10 @@ class PromptPool:
         return torch.linspace(0, count - 1, chosen).round().long()
 
     def _category_prompts(self, model: OneNIPModel, features: torch.Tensor) -> torch.Tensor:
-        """The ``prompts_per_category`` representative rows of one category's features ``[n, C, h, w]``."""
-        return features[representative_indices(model.global_features(features), self.prompts_per_category)]
+        """The prompt of one category, ``[1, C, h, w]``: its training image nearest the category's mean (the medoid
+        of the global features) among its features ``[n, C, h, w]``."""
+        index = medoid_index(model.global_features(features))
+        return features[index : index + 1]
 
     def _store_patch_memory(
         self,
