@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from anomalib_multiclass.backbone import backbone_normalization
 from anomalib_onenip import OneNIP
 from anomalib_onenip.components.prompt_pool import PromptPool, medoid_index, normalization
 from tests.tiny_models import TINY_ONENIP
@@ -71,7 +72,10 @@ def test_image_files_are_read_as_one_image_at_a_time_was(model: OneNIP, tiny_dat
     one_by_one = torch.cat([model._pre_process(read_rgb_image(str(path)).unsqueeze(0)) for path in paths])  # noqa: SLF001
     assert torch.equal(features, model.model.extract_features(one_by_one))
     assert descriptors.shape[0] == 5
+    # the backbone's own normalisation, found in the pre-processor by anomalib's extract_transforms_by_type
     mean, std = normalization(model.pre_processor.transform, torch.device("cpu"))
-    assert mean.shape == (1, 3, 1, 1) and torch.all(std > 0)
+    expected_mean, expected_std = backbone_normalization(TINY_ONENIP["backbone"])
+    assert mean.flatten().tolist() == pytest.approx(expected_mean) and std.flatten().tolist() == pytest.approx(expected_std)
+    assert normalization(None, torch.device("cpu"))[1].flatten().tolist() == [1.0, 1.0, 1.0]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         model.prompt_pool.read_features(model.model, [tiny_dataset / "missing.png"])
