@@ -4,7 +4,8 @@ The config's model (128 px, Lite0 ImageNet weights, a transformer of half the pa
 focal refiner term, synthetic kappa, warm-up and step schedule, patch evidence in the image score) and its
 data settings, read from the config itself, trained for 3 epochs instead of 20 (the CI budget) on bottle,
 juice_bottle and kolektor, must reach these image-AUROC floors per category and a mean pixel-AUPR floor.
-Measured with this test: see the floors' comment; they leave room for run-to-run and thread-count variation.
+Measured with this test (2 threads): bottle 0.998, juice_bottle 0.940, kolektor 0.879, mean pixel AUPR 0.356;
+the floors leave room for run-to-run and thread-count variation.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from anomalib_onenip import OneNIP
 pytestmark = pytest.mark.slow
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "onenip" / "real_ad_lite0.yaml"
-IMAGE_AUROC_FLOORS = {"bottle": 0.96, "kolektor": 0.85, "juice_bottle": 0.88}
+IMAGE_AUROC_FLOORS = {"bottle": 0.97, "kolektor": 0.85, "juice_bottle": 0.91}
 MEAN_PIXEL_AUPR_FLOOR = 0.32
 
 
