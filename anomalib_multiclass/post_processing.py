@@ -61,7 +61,7 @@ class RankPreservingPostProcessor(PostProcessor):
 
     def __init__(self, threshold_source: str = "normal", normal_quantile: float = 0.99, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        threshold_source = parse_option(ThresholdSource, threshold_source, "threshold_source")
+        threshold_source = parse_option(ThresholdSource, threshold_source, "threshold_source").value  # a string in checkpoints
         if not 0 < normal_quantile <= 1:
             msg = f"normal_quantile must be in (0, 1], got {normal_quantile}."
             raise ValueError(msg)

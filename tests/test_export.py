@@ -16,7 +16,6 @@ import torch
 from anomalib_onenip import OneNIP
 from tests.cli import run_anomalib
 from tests.export_parity import (
-from tests.tiny_models import TINY_ONENIP, cli_args
     OPENVINO_F32,
     assert_parity,
     load_images,
@@ -24,6 +23,7 @@ from tests.tiny_models import TINY_ONENIP, cli_args
     run_exported,
     torch_outputs,
 )
+from tests.tiny_models import TINY_ONENIP, cli_args
 
 pytestmark = pytest.mark.slow
 
