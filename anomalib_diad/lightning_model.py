@@ -33,6 +33,7 @@ import torch
 from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
+from anomalib.models import AnomalibModule
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
@@ -96,7 +97,7 @@ def strip_onnx_node_metadata(path: Path) -> None:
     onnx.save_model(model, str(path), save_as_external_data=True, location=data_file.name)
 
 
-class DiAD(MultiClassModule):
+class DiAD(MultiClassModule, AnomalibModule):
     """DiAD: multi-class anomaly detection by SG-guided latent diffusion reconstruction.
 
     Arguments marked *resolved* default to None, which takes the official code's value with ``diffusion_weights``

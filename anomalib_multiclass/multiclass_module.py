@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from abc import abstractmethod
+from abc import ABC, abstractmethod
 from enum import Enum
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -72,8 +72,13 @@ class NotFittedError(RuntimeError):
     """The model lacks state that training creates (prompt bank, statistics, thresholds)."""
 
 
-class MultiClassModule(AnomalibModule):
-    """Base class of an anomalib module that serves several categories with one model.
+class MultiClassModule(ABC):
+    """Base of an anomalib module that serves several categories with one model.
+
+    Listed before :class:`~anomalib.models.AnomalibModule` in a model's bases
+    (``class OneNIP(MultiClassModule, AnomalibModule)``): anomalib finds models by name among the *direct*
+    subclasses of ``AnomalibModule`` (``get_model``, ``list_models``, ``anomalib train --model``), so a model
+    must name it itself, and this base, which is no model, stays out of that list.
 
     - pre-processing: resize, then normalise with the mean and std the backbone was trained with;
     - post-processing: :class:`RankPreservingPostProcessor`;
@@ -97,6 +102,17 @@ class MultiClassModule(AnomalibModule):
     DEFAULT_CATEGORY = "default"
     UNKNOWN_CATEGORY_ADVICE = "Train the model with them, or predict on plain images (without categories)."
     category_names: list[str]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:  # noqa: ANN401
+        """Refuse a model built on this base that anomalib's lookup by name would not find."""
+        super().__init_subclass__(**kwargs)
+        if MultiClassModule in cls.__bases__ and AnomalibModule not in cls.__bases__:
+            msg = (
+                f"{cls.__name__} must list AnomalibModule among its own bases, after MultiClassModule "
+                f"(class {cls.__name__}(MultiClassModule, AnomalibModule)): anomalib finds models by name among "
+                "AnomalibModule's direct subclasses only."
+            )
+            raise TypeError(msg)
 
     @abstractmethod
     def missing_fitted_state(self) -> str | None:

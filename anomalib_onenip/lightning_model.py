@@ -26,6 +26,7 @@ import torch
 from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
+from anomalib.models import AnomalibModule
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from rich.progress import track
@@ -51,7 +52,7 @@ class LRSchedule(str, Enum):
     WARMUP_STEP = "warmup_step"  # linear warm-up, then one step decay, as fractions of the run
 
 
-class OneNIP(MultiClassModule):
+class OneNIP(MultiClassModule, AnomalibModule):
     """OneNIP: unified anomaly detection guided by one normal image prompt.
 
     Args:

@@ -63,9 +63,22 @@ def test_get_model_by_short_name() -> None:
     output = _python(
         "from anomalib.models import get_model, list_models\n"
         "model = get_model('OneNIP', backbone='tf_efficientnet_lite0', pre_trained=False, input_size=(64, 64))\n"
-        "print(type(model).__module__, 'one_n_i_p' in list_models())  # anomalib's snake case of OneNIP"
+        "names = list_models()\n"
+        "print(type(model).__module__, 'one_n_i_p' in names, 'di_a_d' in names, 'multi_class_module' in names)"
     )
-    assert output == "anomalib_onenip.lightning_model True"
+    # anomalib's snake case of OneNIP and DiAD; the shared base is no model and stays out of the list
+    assert output == "anomalib_onenip.lightning_model True True False"
+
+
+def test_a_model_that_anomalib_could_not_find_by_name_is_refused() -> None:
+    from anomalib.models import AnomalibModule
+
+    from anomalib_multiclass.multiclass_module import MultiClassModule
+    from anomalib_onenip import OneNIP
+
+    with pytest.raises(TypeError, match=r"class Hidden\(MultiClassModule, AnomalibModule\)"):
+        type("Hidden", (MultiClassModule,), {})
+    assert issubclass(type("Variant", (OneNIP,), {}), AnomalibModule), "a subclass of a model is still allowed"
 
 
 def test_from_anomalib_models_import() -> None:
