@@ -42,7 +42,8 @@ from anomalib_diad.loss import AutoencoderLoss, DiffusionLoss
 from anomalib_diad.torch_model import DiADModel
 from anomalib_diad.weights import load_diffusion_weights, load_stage1_autoencoder
 from anomalib_multiclass.backbone import load_pretrained_backbone
-from anomalib_multiclass.multiclass_module import MultiClassModule, training_images_in_order
+from anomalib_multiclass.multiclass_module import InferenceCompile, MultiClassModule, training_images_in_order
+from anomalib_multiclass.options import parse_option
 from anomalib_multiclass.patch_memory import category_memory, keep_random_patches
 
 logger = logging.getLogger(__name__)
@@ -158,6 +159,9 @@ class DiAD(MultiClassModule, AnomalibModule):
             Defaults to ``0.0``.
         calibration_images_per_category (int): normal training images per category for the score statistics (the
             first ones in dataset order, the same on every DDP rank). Defaults to ``16``.
+        compile_inference (str): ``"eager"``, or a :func:`torch.compile` mode (``"default"``, ``"reduce-overhead"``:
+            CUDA graphs on a GPU, ``"max-autotune"``) for validation, test and predict; exports are unchanged (see
+            :class:`~anomalib_multiclass.multiclass_module.InferenceCompile`). Defaults to ``"eager"``.
         pre_processor, post_processor, evaluator, visualizer: anomalib components. Default to ``True``
             (the base class's).
     """
@@ -199,6 +203,7 @@ class DiAD(MultiClassModule, AnomalibModule):
         kl_weight: float = 1e-6,
         perceptual_weight: float = 0.0,
         calibration_images_per_category: int = 16,
+        compile_inference: InferenceCompile | str = "eager",
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
@@ -213,6 +218,7 @@ class DiAD(MultiClassModule, AnomalibModule):
             evaluator=evaluator,
             visualizer=visualizer,
         )
+        self.compile_inference = parse_option(InferenceCompile, compile_inference, "compile_inference")
         if architecture == "sd15" and diffusion_weights is None and pre_trained:
             msg = (
                 "architecture 'sd15' needs diffusion_weights (a Stable Diffusion 1.5 folder in diffusers layout or a "

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from anomalib_multiclass.backbone import load_pretrained_backbone
 from anomalib_multiclass.datamodule import list_normal_images
-from anomalib_multiclass.multiclass_module import MultiClassModule, NotFittedError
+from anomalib_multiclass.multiclass_module import InferenceCompile, MultiClassModule, NotFittedError
 from anomalib_multiclass.options import parse_option
 from anomalib_onenip.anomaly_generator import OneNIPAnomalyGenerator
 from anomalib_onenip.components.prompt_pool import PromptPool, RefinerScaleCalibration, normalization
@@ -106,6 +106,9 @@ class OneNIP(MultiClassModule, AnomalibModule):
         reuse_cached_query_features (bool): training reads the normal images' backbone features from the prompt
             pool instead of recomputing them (the same numbers: the backbone is frozen); only their synthetic twins
             go through the backbone. Ignored with random training augmentations. Defaults to ``True``.
+        compile_inference (str): ``"eager"``, or a :func:`torch.compile` mode (``"default"``, ``"reduce-overhead"``:
+            CUDA graphs on a GPU, ``"max-autotune"``) for validation, test and predict; exports are unchanged (see
+            :class:`~anomalib_multiclass.multiclass_module.InferenceCompile`). Defaults to ``"eager"``.
         pre_processor, post_processor, evaluator, visualizer: anomalib components. Default to ``True``
             (the base class's: backbone normalisation, rank-preserving post-processing, per-category metrics).
     """
@@ -153,6 +156,7 @@ class OneNIP(MultiClassModule, AnomalibModule):
         calibration_images_per_category: int = 64,
         refiner_scale_calibration: RefinerScaleCalibration | str = "normal",
         reuse_cached_query_features: bool = True,
+        compile_inference: InferenceCompile | str = "eager",
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
@@ -168,6 +172,7 @@ class OneNIP(MultiClassModule, AnomalibModule):
             visualizer=visualizer,
         )
         self.lr_schedule = parse_option(LRSchedule, lr_schedule, "lr_schedule")
+        self.compile_inference = parse_option(InferenceCompile, compile_inference, "compile_inference")
         calibration = parse_option(RefinerScaleCalibration, refiner_scale_calibration, "refiner_scale_calibration")
         self.model = OneNIPModel(
             backbone=backbone,
