@@ -157,3 +157,23 @@ def test_ddp_equality_compares_two_processes_with_one(tiny_dataset: Path, tmp_pa
     assert all(row["ranks_identical"] for row in report["constants"])
     assert {row["category"] for row in report["metrics"]} >= {"brick", "grass"}
     assert "| constant |" in (tmp_path / "ddp" / "ddp_equality.md").read_text()
+
+
+def test_gpu_command_runs_every_section_on_the_cpu(tiny_dataset: Path, tmp_path: Path) -> None:
+    """gpu.py with tiny arguments on the CPU: inference (OneNIP, DiAD), training throughput and quality, one report."""
+    run_script("gpu.py", ["--root", str(tiny_dataset), "--categories", "brick", "grass", "--output", str(tmp_path),
+                          "--device", "cpu", "--backbone", "tf_efficientnet_lite0", "--onenip-input-size", "64",
+                          "--prompt-categories", "3", "--batch-sizes", "2", "--precisions", "fp32",
+                          "--diad-architectures", "tiny", "--diad-input-size", "128", "--diad-backbone", "resnet18",
+                          "--diad-batch-sizes", "1", "--ddim-steps", "1", "--repeats", "1", "--input-size", "128",
+                          "--train-diad-architecture", "tiny", "--train-backbones", "tf_efficientnet_lite0",
+                          "--train-batch-sizes", "2", "--train-steps", "2", "--warmup-steps", "1", "--num-workers", "0",
+                          "--quality-epochs", "1", "--quality-options", json.dumps({"patch_memory_size": 256})],
+               tmp_path)
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    assert {row["path"] for row in report["inference"]} >= {"onenip_bank", "onenip_official", "diad", "diad_official"}
+    assert [(row["model"], row["batch_size"]) for row in report["training"]] == [("OneNIP", 2), ("DiAD", 2)]
+    assert all(row["images_per_s"] > 0 for row in report["training"]), "ThroughputMonitor measured nothing"
+    assert set(report["quality"]["per_category"]) == {"brick", "grass"}
+    assert report["skipped"] == [] and report["targets"]
+    assert "## Training throughput" in (tmp_path / "gpu.md").read_text()

@@ -2,8 +2,8 @@
 
     python tests/benchmarks/speed.py --json speed.json --plot speed.png
 
-For every device (the CPU always, CUDA when available), precision (fp32, and bf16 autocast on the CPU
-or fp16 on CUDA) and batch size, it times:
+For every device (the CPU always, CUDA when available), precision (fp32, and bf16 or fp16 autocast:
+``--precisions``; by default fp32 and bf16 on the CPU, all three on CUDA) and batch size, it times:
 
 - ``onenip_backbone``: OneNIP's frozen backbone alone, the floor of any OneNIP inference;
 - ``onenip_official``: OneNIP as the official code runs it, the prompt image through the backbone and
@@ -11,7 +11,9 @@ or fp16 on CUDA) and batch size, it times:
 - ``onenip_bank``: OneNIP as this package runs it, prompts encoded once into the prompt bank;
 - ``diad_official``: DiAD as the official code runs it, classifier-free guidance at scale 1 (an
   unconditional and a conditional UNet pass per DDIM step, whose mix is the conditional one), fp32;
-- ``diad``: DiAD as this package runs it (one UNet pass per step; channels-last on CUDA).
+- ``diad``: DiAD as this package runs it (one UNet pass per step; channels-last on CUDA);
+- with ``--compile MODE``, also ``onenip_bank_compiled`` and ``diad_compiled``: the same models through
+  :func:`torch.compile` in that mode, as ``compile_inference`` runs them (``reduce-overhead``: CUDA graphs).
 
 It prints latency (ms/image), throughput (images/s), peak memory (CUDA: allocated; CPU: process RSS
 during the run) and the ratios the targets name, checks that the maps agree with the official-style
@@ -38,7 +40,7 @@ from torch.nn import functional as F  # noqa: N812
 from anomalib_diad.torch_model import DiADModel
 from anomalib_onenip.torch_model import OneNIPModel
 
-REDUCED = {"cpu": torch.bfloat16, "cuda": torch.float16}
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class OfficialStyleDiAD(DiADModel):
@@ -113,12 +115,25 @@ class PeakMemory:
 
 
 def precision_context(device: str, precision: str) -> contextlib.AbstractContextManager:
-    """``fp32``: nothing; ``reduced``: autocast to bf16 (CPU) or fp16 (CUDA)."""
-    return torch.autocast(device, dtype=REDUCED[device]) if precision == "reduced" else contextlib.nullcontext()
+    """``fp32``: nothing; ``bf16`` or ``fp16``: autocast to that type."""
+    return torch.autocast(device, dtype=AUTOCAST[precision]) if precision in AUTOCAST else contextlib.nullcontext()
+
+
+def compiled(function: Callable[..., torch.Tensor], mode: str) -> Callable[..., torch.Tensor]:
+    """``function`` through :func:`torch.compile` in ``mode``, each call a new CUDA-graph step, its output copied
+    (as ``compile_inference`` runs the models in Lightning)."""
+    compiled_function = torch.compile(function, mode=mode, dynamic=False)
+
+    def call(*args: object, **kwargs: object) -> torch.Tensor:
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled_function(*args, **kwargs).clone()
+
+    return call
 
 
 def timed(function: Callable[[], torch.Tensor], device: str, precision: str, repeats: int) -> dict[str, float]:
-    """Median seconds per call and peak memory of ``function`` under ``precision`` (``fp32`` or ``reduced``)."""
+    """Median seconds per call and peak memory of ``function`` under ``precision`` (``fp32``, ``bf16``, ``fp16``);
+    the first three calls (compilation, CUDA graph capture, cuDNN's choice of kernels) are not timed."""
 
     def call() -> torch.Tensor:
         with torch.inference_mode(), precision_context(device, precision):
@@ -129,7 +144,7 @@ def timed(function: Callable[[], torch.Tensor], device: str, precision: str, rep
 
     memory = PeakMemory(device)
     with memory.measure():
-        seconds = median_seconds(call, repeats)
+        seconds = median_seconds(call, repeats, warmup=3)
     return {"seconds": seconds, "peak_mb": memory.peak_mb}
 
 
@@ -165,6 +180,9 @@ def run_onenip(args: argparse.Namespace, device: str, precisions: list[str]) -> 
                 model, images, prompts, index)[0],
             "onenip_bank": lambda images=images, index=category_index: model.predict(images, index).anomaly_map,
         }
+        if args.compile:
+            predict_map = compiled(lambda images, index: model.predict(images, index).anomaly_map, args.compile)
+            paths["onenip_bank_compiled"] = lambda images=images, index=category_index: predict_map(images, index)
         rows += [
             measure(path, function, device, precision, batch_size,
                     None if path == "onenip_backbone" else reference, args.repeats)
@@ -175,9 +193,17 @@ def run_onenip(args: argparse.Namespace, device: str, precisions: list[str]) -> 
 
 
 def run_diad(args: argparse.Namespace, device: str, precisions: list[str]) -> list[dict]:
+    """DiAD's official-style and own paths for each ``--ddim-steps`` and ``--diad-batch-sizes``."""
+    rows = []
+    for steps in args.ddim_steps:
+        rows += _diad_rows(args, device, precisions, steps)
+    return rows
+
+
+def _diad_rows(args: argparse.Namespace, device: str, precisions: list[str], steps: int) -> list[dict]:
     size = (args.diad_input_size, args.diad_input_size)
     settings = {"architecture": args.diad_architecture, "input_size": size, "backbone": args.diad_backbone,
-                "layers": args.diad_layers, "ddim_steps": args.ddim_steps}
+                "layers": args.diad_layers, "ddim_steps": steps}
     ours = DiADModel(**settings).eval().to(device)
     official = OfficialStyleDiAD(**settings).eval().to(device)
     official.load_state_dict(ours.state_dict())
@@ -189,12 +215,21 @@ def run_diad(args: argparse.Namespace, device: str, precisions: list[str]) -> li
         with torch.inference_mode():
             reference = official(images).anomaly_map
         runs = [("diad_official", official, "fp32")] + [("diad", ours, precision) for precision in precisions]
+        if args.compile:
+            runs += [("diad_compiled", compiled(lambda images: ours(images).anomaly_map, args.compile), precision)
+                     for precision in precisions]
         rows += [
-            measure(path, lambda model=model, images=images: model(images).anomaly_map, device, precision,
-                    batch_size, reference, args.repeats)
+            {**measure(path, lambda model=model, images=images: _anomaly_map(model(images)), device, precision,
+                       batch_size, reference, args.repeats),
+             "architecture": args.diad_architecture, "ddim_steps": steps}
             for path, model, precision in runs
         ]
     return rows
+
+
+def _anomaly_map(output: object) -> torch.Tensor:
+    """The map of a model's ``InferenceBatch``, or the map a compiled path already returns."""
+    return output if isinstance(output, torch.Tensor) else output.anomaly_map
 
 
 def run_growth(args: argparse.Namespace, device: str) -> list[dict]:
@@ -213,15 +248,17 @@ def run_growth(args: argparse.Namespace, device: str) -> list[dict]:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Speed-up over the official-style path and cost over the backbone floor, for the same device and batch."""
-    index = {(row["device"], row["precision"], row["batch_size"], row["path"]): row for row in rows}
+    """Speed-up over the official-style path and cost over the backbone floor, for the same device, batch and steps."""
+    def key(row: dict, precision: str, path: str) -> tuple:
+        return row["device"], precision, row["batch_size"], row.get("ddim_steps"), path
+
+    index = {key(row, row["precision"], row["path"]): row for row in rows}
     for row in rows:
-        key = (row["device"], "fp32", row["batch_size"])
         family = "onenip" if row["path"].startswith("onenip") else "diad"
-        official = index.get((*key, f"{family}_official"))
+        official = index.get(key(row, "fp32", f"{family}_official"))
         if official and row["path"] not in {f"{family}_official", "onenip_backbone"}:
             row["speedup_over_official_fp32"] = official["seconds"] / row["seconds"]
-        floor = index.get((row["device"], row["precision"], row["batch_size"], "onenip_backbone"))
+        floor = index.get(key(row, row["precision"], "onenip_backbone"))
         if family == "onenip" and floor and row["path"] != "onenip_backbone":
             row["over_backbone"] = row["seconds"] / floor["seconds"]
 
@@ -231,7 +268,8 @@ def print_tables(rows: list[dict], growth: list[dict], machine: str) -> None:
     print("| device | precision | batch | path | ms/image | images/s | peak MB | x official fp32 | x backbone | map diff |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['device']} | {row['precision']} | {row['batch_size']} | {row['path']} | "
+        path = f"{row['path']} ({row['ddim_steps']} steps)" if "ddim_steps" in row else row["path"]
+        print(f"| {row['device']} | {row['precision']} | {row['batch_size']} | {path} | "
               f"{1000 * row['seconds'] / row['batch_size']:.1f} | {row['batch_size'] / row['seconds']:.1f} | "
               f"{row['peak_mb']:.0f} | {row.get('speedup_over_official_fp32', float('nan')):.2f} | "
               f"{row.get('over_backbone', float('nan')):.2f} | {row.get('map_difference', float('nan')):.1e} |")
@@ -250,11 +288,15 @@ def plot(rows: list[dict], growth: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for (device, precision, name) in sorted({(row["device"], row["precision"], row["path"]) for row in rows}):
+    def line(row: dict) -> tuple:
+        return row["device"], row["precision"], row["path"], row.get("ddim_steps", 0)
+
+    for device, precision, name, steps in sorted({line(row) for row in rows}):
         points = sorted((row["batch_size"], row["batch_size"] / row["seconds"]) for row in rows
-                        if (row["device"], row["precision"], row["path"]) == (device, precision, name))
+                        if line(row) == (device, precision, name, steps))
         axis = axes[0] if name.startswith("onenip") else axes[1]
-        axis.plot(*zip(*points, strict=True), marker="o", label=f"{name} {device} {precision}")
+        label = f"{name} {device} {precision}" + (f" {steps} steps" if steps else "")
+        axis.plot(*zip(*points, strict=True), marker="o", label=label)
     for axis, title in zip(axes[:2], ("OneNIP", "DiAD"), strict=True):
         axis.set(xscale="log", xlabel="batch size", ylabel="images / s", title=f"{title}: throughput")
         axis.legend(fontsize=7)
@@ -281,12 +323,16 @@ def main() -> None:
     parser.add_argument("--diad-input-size", type=int, default=256)
     parser.add_argument("--diad-layers", type=int, nargs="+", default=[1, 2, 3], help="scoring backbone taps")
     parser.add_argument("--diad-batch-sizes", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--ddim-steps", type=int, default=10)
+    parser.add_argument("--ddim-steps", type=int, nargs="+", default=[10])
     parser.add_argument("--growth-categories", type=int, nargs="+", default=[1, 15, 100])
     parser.add_argument("--growth-sizes", type=int, nargs="+", default=[224, 256, 320])
     parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "reduced"], choices=["fp32", "reduced"])
+    parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16", "fp16"],
+                        help="default: fp32 bf16 on the CPU, fp32 fp16 bf16 on CUDA")
+    parser.add_argument("--compile", choices=["default", "reduce-overhead", "max-autotune"],
+                        help="also time the compiled prompt-bank and DiAD paths in this torch.compile mode")
     parser.add_argument("--skip-diad", action="store_true")
+    parser.add_argument("--skip-onenip", action="store_true", help="DiAD only (no OneNIP paths, no growth)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="write every measurement to this file")
     parser.add_argument("--plot", help="save the throughput and growth plot to this file (PNG)")
@@ -298,10 +344,12 @@ def main() -> None:
         machine += f", {torch.cuda.get_device_name()}"
     rows, growth = [], []
     for device in args.devices:
-        rows += run_onenip(args, device, args.precisions)
+        precisions = args.precisions or (["fp32", "fp16", "bf16"] if device == "cuda" else ["fp32", "bf16"])
+        if not args.skip_onenip:
+            rows += run_onenip(args, device, precisions)
+            growth += run_growth(args, device)
         if not args.skip_diad:
-            rows += run_diad(args, device, args.precisions)
-        growth += run_growth(args, device)
+            rows += run_diad(args, device, precisions)
     add_ratios(rows)
     print_tables(rows, growth, machine)
     if args.json:
