@@ -159,6 +159,8 @@ def quality(args: argparse.Namespace, output: Path, budget: Budget) -> dict:
                "--num-workers", str(args.num_workers), "--output", str(target)]
     if args.quality_options:
         command += ["--onenip-options", args.quality_options]
+    if args.weights_path:
+        command += ["--weights-path", args.weights_path]
     if not run_logged(command, output / "logs" / "quality.log"):
         return {}
     return json.loads((target / "quality.json").read_text())["models"]["OneNIP"]
@@ -263,6 +265,7 @@ def main() -> None:
     parser.add_argument("--train-precision", default="32-true", help="Lightning precision, e.g. bf16-mixed")
     parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
     parser.add_argument("--quality-epochs", type=int, default=3)
+    parser.add_argument("--weights-path", default=None, help="local Lite0 weights for the quality run (offline)")
     parser.add_argument("--quality-options", default=None, help="--onenip-options for the quality run (JSON)")
     args = parser.parse_args()
     output = Path(args.output)
