@@ -42,7 +42,12 @@ from anomalib_diad.loss import AutoencoderLoss, DiffusionLoss
 from anomalib_diad.torch_model import DiADModel
 from anomalib_diad.weights import load_diffusion_weights, load_stage1_autoencoder
 from anomalib_multiclass.backbone import load_pretrained_backbone
-from anomalib_multiclass.multiclass_module import InferenceCompile, MultiClassModule, training_images_in_order
+from anomalib_multiclass.multiclass_module import (
+    InferenceCompile,
+    MultiClassModule,
+    random_training_augmentations,
+    training_images_in_order,
+)
 from anomalib_multiclass.options import parse_option
 from anomalib_multiclass.patch_memory import category_memory, keep_random_patches
 
@@ -275,6 +280,9 @@ class DiAD(MultiClassModule, AnomalibModule):
         self.register_buffer("initial_weights_loaded", torch.tensor(False))
         self.register_buffer("calibration_step", torch.tensor(-1))
         self.category_names: list[str] = []
+        # Stage 2: the frozen autoencoder's posterior of each training image [N, 8, h, w] (CPU), by image file.
+        self._posteriors: torch.Tensor | None = None
+        self._posterior_rows: dict[str, int] = {}
 
     # torch's ONNX optimiser ran over 15 minutes without finishing on the small architecture's unrolled DDIM
     # loop (10 UNet and SG passes, 2-core CPU); ONNX Runtime and OpenVINO optimise the graph when they load it.
@@ -363,16 +371,53 @@ class DiAD(MultiClassModule, AnomalibModule):
             for name, value in losses.items():
                 self.log(f"train_{name}", value, on_epoch=True, prog_bar=name == "loss", batch_size=len(images))
             return {"loss": losses["loss"]}
-        output = self.model(images)
+        output = self.model(images, posterior=self._cached_posterior(batch))
         loss = self.diffusion_loss(output.noise_prediction, output.noise)
         self.log("train_loss", loss, on_epoch=True, prog_bar=True, batch_size=len(images))
         return {"loss": loss}
 
     def on_train_start(self) -> None:
-        """Refuse a perceptual term without pretrained backbone weights (it would compare random features)."""
+        """Refuse a perceptual term without pretrained backbone weights (it would compare random features); in stage
+        2, compute the frozen autoencoder's posterior of every training image once (:meth:`cache_posteriors`)."""
         if self.stage == "autoencoder" and self.hparams.perceptual_weight > 0 and not self.hparams.pre_trained:
             msg = "perceptual_weight > 0 needs a pretrained backbone: set pre_trained=True (or perceptual_weight=0)."
             raise ValueError(msg)
+        self._posteriors, self._posterior_rows = None, {}
+        datamodule = getattr(self.trainer, "datamodule", None)
+        train_data = getattr(datamodule, "train_data", None)
+        fixed_images = train_data is not None and not random_training_augmentations(datamodule, train_data)
+        if self.stage == "diffusion" and fixed_images:
+            self.cache_posteriors(training_images_in_order(datamodule))
+
+    @torch.no_grad()
+    def cache_posteriors(self, dataloader: Any) -> None:  # noqa: ANN401
+        """Keep the autoencoder's posterior (:meth:`DiADModel.latent_posterior`) of each image of ``dataloader``, by file.
+
+        Stage 2 samples its training latents from it; the autoencoder is frozen there, so computing it once
+        instead of at every step gives the same numbers and spares the encoder's share of each step. Not used
+        with random training augmentations (the images change) or for images without a file name.
+        """
+        rows: dict[str, int] = {}
+        posteriors = []
+        for batch in dataloader:
+            paths = getattr(batch, "image_path", None)
+            if paths is None:
+                return
+            posteriors.append(self.model.latent_posterior(self._pre_process(batch.image.to(self.device))).cpu())
+            for path in paths:
+                rows[str(path)] = len(rows)
+        if posteriors:
+            self._posteriors, self._posterior_rows = torch.cat(posteriors), rows
+
+    def _cached_posterior(self, batch: Batch) -> torch.Tensor | None:
+        """The cached posterior of the batch's images ``[B, 8, h, w]``, or None when one of them is not cached."""
+        paths = getattr(batch, "image_path", None)
+        if self._posteriors is None or not paths:
+            return None
+        rows = [self._posterior_rows.get(str(path)) for path in paths]
+        if None in rows:
+            return None
+        return self._posteriors[rows].to(batch.image.device)
 
     def on_train_epoch_end(self) -> None:
         """After the last epoch (or step), compute the latent scale (stage 1 with ``scale_by_std``) and the score

@@ -222,6 +222,16 @@ class DiADModel(nn.Module):
         """Scaled latents ``z_0`` ``[B, 4, h, w]``: the posterior mode, or a sample with ``noise`` (random if None)."""
         return self.unscaled_latents(images, noise, mode) * self.latent_scale
 
+    @torch.no_grad()
+    def latent_posterior(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen autoencoder's posterior of ``images`` ``[B, 3, H, W]``: mean and std stacked, ``[B, 8, h, w]``.
+
+        What stage 2 samples its training latents from; a training run computes it once per image
+        (:class:`~anomalib_diad.lightning_model.DiAD`) instead of at every step.
+        """
+        distribution = self.autoencoder.encode(images).latent_dist
+        return torch.cat([distribution.mean, distribution.std], dim=1)
+
     def unscaled_latents(
         self,
         images: torch.Tensor,
@@ -282,6 +292,7 @@ class DiADModel(nn.Module):
         images: torch.Tensor,
         category_index: torch.Tensor | None = None,
         compute_perceptual: bool = False,
+        posterior: torch.Tensor | None = None,
     ) -> AutoencoderOutput | DiffusionOutput | InferenceBatch:
         """Training: the stage's :class:`AutoencoderOutput` or :class:`DiffusionOutput`; eval: :class:`InferenceBatch`.
 
@@ -290,13 +301,15 @@ class DiADModel(nn.Module):
             category_index: (inference) category of each image ``[B]`` for the score statistics,
                 or None to use the statistics of all categories.
             compute_perceptual: (stage-1 training) also return the feature distance.
+            posterior: (stage-2 training) :meth:`latent_posterior` of ``images`` ``[B, 8, h, w]`` when already known,
+                or None to encode them.
         """
         self.check_images(images)
         if not self.training:
             return self.predict(images, category_index)
         if self.stage == "autoencoder":
             return self.autoencoder_training_forward(images, compute_perceptual)
-        return self.diffusion_training_forward(images)
+        return self.diffusion_training_forward(images, posterior)
 
     def autoencoder_training_forward(self, images: torch.Tensor, compute_perceptual: bool) -> AutoencoderOutput:
         """Encode (posterior sample) and decode ``images``."""
@@ -305,10 +318,16 @@ class DiADModel(nn.Module):
         perceptual = self.anomaly_map.distance_map(images, reconstruction).mean() if compute_perceptual else None
         return AutoencoderOutput(reconstruction, distribution.kl(), perceptual)
 
-    def diffusion_training_forward(self, images: torch.Tensor) -> DiffusionOutput:
-        """Noise the latents (posterior samples) of ``images`` to ``t`` (see ``train_timesteps``); predict the noise."""
-        with torch.no_grad():
-            latents = self.encode(images)
+    def diffusion_training_forward(self, images: torch.Tensor, posterior: torch.Tensor | None = None) -> DiffusionOutput:
+        """Noise the latents (posterior samples) of ``images`` to ``t`` (see ``train_timesteps``); predict the noise.
+
+        ``posterior`` ``[B, 8, h, w]`` (:meth:`latent_posterior`) spares the autoencoder's encoder; the sample draws the
+        same random numbers either way.
+        """
+        if posterior is None:
+            posterior = self.latent_posterior(images)
+        mean, std = posterior.chunk(2, dim=1)
+        latents = (mean + std * torch.randn_like(mean)) * self.latent_scale
         noise = torch.randn_like(latents)
         if self.train_timesteps == "sampler":
             steps = torch.randint(0, self.sampler.num_steps, (latents.shape[0],), device=latents.device)

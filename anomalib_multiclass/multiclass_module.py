@@ -54,7 +54,8 @@ def training_images_in_order(datamodule: Any) -> DataLoader:  # noqa: ANN401
 
     What the models calibrate on: under DDP every rank reads the whole training set here, so the
     constants computed from it (prompt pool, score statistics) are the same on every rank and the same
-    as in one process, whatever the training shuffle.
+    as in one process, whatever the training shuffle. The loader has its own generator: reading the images
+    leaves the global random state, and so training's later draws, as they were.
     """
     dataset = datamodule.train_data
     return DataLoader(
@@ -62,7 +63,22 @@ def training_images_in_order(datamodule: Any) -> DataLoader:  # noqa: ANN401
         batch_size=datamodule.eval_batch_size,
         num_workers=datamodule.num_workers,
         collate_fn=getattr(datamodule, "external_collate_fn", None) or dataset.collate_fn,
+        generator=torch.Generator(),
     )
+
+
+def random_training_augmentations(datamodule: Any, dataset: Any) -> bool:  # noqa: ANN401
+    """Whether training images may change between epochs, so that what a frozen network computed from them once
+    (features, latents) cannot stand in for their current version.
+
+    True when the user gave training augmentations (the datamodule's ``train_augmentations``, which anomalib fills
+    from ``augmentations`` too). The resize that anomalib's datamodules add to the dataset's ``augmentations`` from
+    the model's pre-processor is deterministic and does not count; without a datamodule, any dataset
+    ``augmentations`` count.
+    """
+    if datamodule is not None and hasattr(datamodule, "train_augmentations"):
+        return datamodule.train_augmentations is not None
+    return getattr(dataset, "augmentations", None) is not None
 
 
 class InferenceCompile(str, Enum):
@@ -165,7 +181,7 @@ class MultiClassModule(ABC):
         self._compiled_forward = torch.compile(self.model.forward, mode=self.compile_inference.value, dynamic=False)
 
     def inference_forward(self, images: torch.Tensor, category_index: torch.Tensor | None) -> InferenceBatch:
-        """The torch model's inference ``InferenceBatch`` for images ``[B, 3, H, W]`` (compiled with ``compile_inference``).
+        """The torch model's ``InferenceBatch`` for images ``[B, 3, H, W]`` (compiled with ``compile_inference``).
 
         The compiled outputs are copied: CUDA graphs reuse their output memory on the next call, and the steps'
         outputs live on (predict returns every batch).
@@ -174,7 +190,7 @@ class MultiClassModule(ABC):
             return self.model(images, category_index=category_index)
         torch.compiler.cudagraph_mark_step_begin()
         predictions = self._compiled_forward(images, category_index=category_index)
-        return type(predictions)(*(value.clone() if isinstance(value, torch.Tensor) else value for value in predictions))
+        return type(predictions)(*(value.clone() if torch.is_tensor(value) else value for value in predictions))
 
     def category_index(self, batch: Batch) -> torch.Tensor | None:
         """Index ``[B]`` of each sample's category in ``category_names``, or None when the batch carries no categories

@@ -35,7 +35,12 @@ from torch.utils.data import DataLoader
 
 from anomalib_multiclass.backbone import load_pretrained_backbone
 from anomalib_multiclass.datamodule import list_normal_images
-from anomalib_multiclass.multiclass_module import InferenceCompile, MultiClassModule, NotFittedError
+from anomalib_multiclass.multiclass_module import (
+    InferenceCompile,
+    MultiClassModule,
+    NotFittedError,
+    random_training_augmentations,
+)
 from anomalib_multiclass.options import parse_option
 from anomalib_onenip.anomaly_generator import OneNIPAnomalyGenerator
 from anomalib_onenip.components.prompt_pool import PromptPool, RefinerScaleCalibration, normalization
@@ -264,7 +269,7 @@ class OneNIP(MultiClassModule, AnomalibModule):
             num_workers=train_loader.num_workers,
             collate_fn=train_loader.collate_fn,
         )
-        augmented = getattr(train_loader.dataset, "augmentations", None) is not None
+        augmented = random_training_augmentations(getattr(self.trainer, "datamodule", None), train_loader.dataset)
         self.cache_training_features(in_order, reuse_for_queries=self.hparams.reuse_cached_query_features and not augmented)
         if self.model.patch_score_weight > 0:
             self.prompt_pool.build_patch_memory(self.model, self.category_names)

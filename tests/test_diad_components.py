@@ -413,3 +413,60 @@ def test_an_unknown_category_is_refused_and_untagged_images_are_served() -> None
     assert model.category_index(SimpleNamespace(image=images, category=None)) is None
     with pytest.raises(ValueError, match=r"Categories \['marble'\] were not in DiAD's training data .* Train the model"):
         model.category_index(SimpleNamespace(image=images, category=["brick", "marble"]))
+
+
+def test_a_known_posterior_gives_the_same_training_step_without_the_encoder(tiny_model: DiADModel) -> None:
+    images = torch.randn(3, 3, 128, 128)
+    tiny_model.train()
+    try:
+        posterior = tiny_model.latent_posterior(images)
+        torch.manual_seed(5)
+        encoded = tiny_model.diffusion_training_forward(images)
+        torch.manual_seed(5)
+        calls = []
+        handle = tiny_model.autoencoder.encoder.register_forward_hook(lambda *_: calls.append(1))
+        cached = tiny_model.diffusion_training_forward(images, posterior)
+        handle.remove()
+    finally:
+        tiny_model.eval()
+    assert not calls, "the encoder ran although the posterior was given"
+    assert torch.equal(cached.noise, encoded.noise)
+    assert torch.equal(cached.noise_prediction, encoded.noise_prediction)
+
+
+def test_stage_two_encodes_each_training_image_once_for_the_same_loss(tiny_dataset, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """A training step with the posterior cache and one without it: the same loss; the cache ran the encoder once
+    per training image, the step never."""
+    from anomalib.engine import Engine
+    from lightning.pytorch import Callback, seed_everything
+
+    from anomalib_multiclass import MultiClassAD
+    from tests.tiny_models import TINY_DIAD
+
+    class Losses(Callback):
+        def __init__(self) -> None:
+            self.values: list[float] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+            self.values.append(float(outputs["loss"]))
+
+    def train(cache: bool) -> tuple[list[float], int, int]:
+        seed_everything(3)
+        model = DiAD(**TINY_DIAD, normalize_per_category=False, accumulate_grad_batches=1)
+        if not cache:
+            monkeypatch.setattr(model, "cache_posteriors", lambda dataloader: None)
+        encoded = []
+        model.model.autoencoder.encoder.register_forward_hook(lambda module, inputs, output: encoded.append(len(output)))
+        datamodule = MultiClassAD(root=tiny_dataset, categories=["brick", "grass"], train_batch_size=4, num_workers=0)
+        losses = Losses()
+        engine = Engine(max_steps=1, accelerator="cpu", default_root_dir=tmp_path / str(cache), logger=False,
+                        enable_progress_bar=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[losses])
+        engine.fit(model=model, datamodule=datamodule)
+        return losses.values, sum(encoded), len(datamodule.train_data)
+
+    cached_losses, cached_encodings, images = train(cache=True)
+    plain_losses, plain_encodings, _ = train(cache=False)
+    assert cached_encodings == images, "the cache encodes every training image once, and the step nothing"
+    assert plain_encodings == 4, "without the cache the step encodes its 4 images"
+    assert len(cached_losses) == 1
+    assert cached_losses == pytest.approx(plain_losses, rel=1e-5)

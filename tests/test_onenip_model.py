@@ -246,3 +246,39 @@ def test_training_step_with_cached_query_features_matches_the_backbone_pass(tiny
         losses.append(model.training_step(batch)["loss"].item())
     assert model.prompt_pool.cached_query_features(batch.image_path) is None  # the second run computed them
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+@pytest.mark.parametrize(("augmentations", "backbone_images"), [(None, 4), ("flip", 8)])
+def test_engine_training_reads_the_normal_features_from_the_cache(
+    tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, augmentations: str | None, backbone_images: int,
+) -> None:
+    """In anomalib's training loop (whose datamodule adds the model's resize to the dataset's transforms) a step's
+    backbone sees only the 4 synthetic twins; with the user's random augmentations, the 4 normal images too."""
+    from anomalib.engine import Engine
+    from torchvision.transforms import v2
+
+    model = OneNIP(**TINY_ONENIP)
+    sizes: list[int] = []
+    inside_step = [False]
+    extract_features, training_forward = model.model.extract_features, model.model.training_forward
+
+    def counted_extract(images: torch.Tensor) -> torch.Tensor:
+        if inside_step[0]:
+            sizes.append(len(images))
+        return extract_features(images)
+
+    def flagged_forward(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        inside_step[0] = True
+        try:
+            return training_forward(*args, **kwargs)
+        finally:
+            inside_step[0] = False
+
+    monkeypatch.setattr(model.model, "extract_features", counted_extract)
+    monkeypatch.setattr(model.model, "training_forward", flagged_forward)
+    datamodule = MultiClassAD(root=tiny_dataset, train_batch_size=4, num_workers=0,
+                              train_augmentations=v2.RandomHorizontalFlip() if augmentations else None)
+    engine = Engine(max_steps=1, accelerator="cpu", default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+                    limit_val_batches=0, num_sanity_val_steps=0)
+    engine.fit(model=model, datamodule=datamodule)
+    assert sizes == [backbone_images]

@@ -3,7 +3,9 @@
     python tests/benchmarks/diad_speed.py --architecture small --input-size 256 --batch-sizes 1 8
 
 Prints ms/image of the full evaluation path (encode, noise, ``--ddim-steps`` SG+UNet steps, decode,
-feature distance, blur, score) per batch size, and the time of one stage-2 training step.
+feature distance, blur, score) per batch size, and the time of one stage-2 training step, split into the forward
+passes of the frozen autoencoder's encoder, the SG network and the UNet (forward hooks), and the rest (noise, loss,
+backward, optimiser step).
 """
 
 from __future__ import annotations
@@ -11,12 +13,31 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import time
+from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 from timing import median_seconds
 
 from anomalib_diad.loss import DiffusionLoss
 from anomalib_diad.torch_model import DiADModel
+
+
+def forward_times(parts: dict[str, torch.nn.Module], step: Callable[[], None], repeats: int) -> dict[str, float]:
+    """Mean seconds per ``step()`` spent in each module's forward (hooks; CPU timing, so synchronous)."""
+    totals: dict[str, float] = defaultdict(float)
+    handles = []
+    for name, module in parts.items():
+        starts: list[float] = []
+        handles.append(module.register_forward_pre_hook(lambda *_, starts=starts: starts.append(time.perf_counter())))
+        handles.append(module.register_forward_hook(
+            lambda *_, name=name, starts=starts: totals.__setitem__(name, totals[name] + time.perf_counter() - starts.pop())))
+    for _ in range(repeats):
+        step()
+    for handle in handles:
+        handle.remove()
+    return {name: totals[name] / repeats for name in parts}
 
 
 def main() -> None:
@@ -70,7 +91,17 @@ def main() -> None:
 
     seconds = median_seconds(train_step, args.repeats)
     results["train_step_s"] = round(seconds, 3)
-    print(f"stage-2 training step, batch {args.train_batch_size}: {seconds:.2f} s")
+    results["train_images_per_s"] = round(args.train_batch_size / seconds, 2)
+    print(f"stage-2 training step, batch {args.train_batch_size}: {seconds:.2f} s "
+          f"({args.train_batch_size / seconds:.2f} images/s)")
+    parts = {"autoencoder encoder (frozen)": model.autoencoder.encoder, "SG network": model.sg_network,
+             "UNet": model.unet}
+    forward_seconds = forward_times(parts, train_step, args.repeats)
+    results["train_step_share"] = {name: round(value / seconds, 3) for name, value in forward_seconds.items()}
+    results["train_step_share"]["rest (noise, loss, backward, optimiser)"] = round(
+        1 - sum(forward_seconds.values()) / seconds, 3)
+    for name, share in results["train_step_share"].items():
+        print(f"  {name}: {100 * share:.0f} %")
     if args.json:
         with open(args.json, "w") as file:
             json.dump(results, file, indent=2)

@@ -11,8 +11,8 @@ skipped in the report, never silently dropped):
    compiled. Precisions fp32, fp16 and bf16 autocast (fp32 and bf16 on a CPU); batch sizes ``--batch-sizes``.
 2. **training**: images/s of anomalib's training loop (``Engine.fit`` on ``MultiClassAD`` over ``--root``, the
    loader with ``--num-workers`` workers, synthetic anomalies included) at ``--input-size`` for OneNIP with each of
-   ``--train-backbones`` and for DiAD ``--train-diad-architecture`` (``small``) from scratch (stage 2), per ``--train-batch-sizes``: Lightning's
-   ``ThroughputMonitor`` over ``--train-steps`` steps after ``--warmup-steps``.
+   ``--train-backbones`` and for DiAD ``--train-diad-architecture`` (``small``) from scratch (stage 2), per
+   ``--train-batch-sizes``: Lightning's ``ThroughputMonitor`` over ``--train-steps`` steps after ``--warmup-steps``.
 3. **quality**: ``quality.py``'s OneNIP (the model of ``configs/onenip/real_ad_lite0.yaml``) on ``--root`` for
    ``--quality-epochs`` epochs at ``--input-size``.
 
@@ -106,12 +106,12 @@ def training_model(args: argparse.Namespace, name: str, backbone: str) -> Any:  
                       lr_schedule="warmup_step", visualizer=False)
     from anomalib_diad import DiAD
 
-    return DiAD(architecture=args.train_diad_architecture, input_size=size, diffusion_weights=None, pre_trained=False, backbone=backbone,
-                layers=[1, 2, 3], visualizer=False)
+    return DiAD(architecture=args.train_diad_architecture, input_size=size, diffusion_weights=None, pre_trained=False,
+                backbone=backbone, layers=[1, 2, 3], visualizer=False)
 
 
 def training_throughput(args: argparse.Namespace, name: str, backbone: str, batch_size: int, work: Path) -> dict:
-    """Images/s of ``Engine.fit`` over ``--train-steps`` steps after ``--warmup-steps`` (Lightning's ThroughputMonitor)."""
+    """Images/s of ``Engine.fit`` over ``--train-steps`` steps after ``--warmup-steps`` (ThroughputMonitor)."""
     from anomalib.engine import Engine
     from lightning.pytorch.callbacks import ThroughputMonitor
     from lightning.pytorch.loggers import CSVLogger
@@ -206,10 +206,12 @@ def targets(rows: list[dict]) -> list[str]:
 def markdown(report: dict) -> str:
     lines = [f"# GPU benchmark\n\nMachine: {report['machine']}. Wall time {report['wall_s']:.0f} s.\n"]
     if report["skipped"]:
-        lines.append(f"Skipped (over the {report['arguments']['budget_s']:.0f} s budget): {', '.join(report['skipped'])}\n")
+        budget = report["arguments"]["budget_s"]
+        lines.append(f"Skipped (over the {budget:.0f} s budget): {', '.join(report['skipped'])}\n")
     lines += ["## Targets\n", *[f"- {line}" for line in report["targets"]], "",
               "## Inference (random weights)\n",
-              "| run | path | steps | precision | batch | ms/image | images/s | peak MB | x official fp32 | x backbone | map diff |",
+              "| run | path | steps | precision | batch | ms/image | images/s | peak MB | x official fp32 | x backbone "
+              "| map diff |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in report["inference"]:
         if row["path"] == "onenip_bank_growth":
@@ -222,8 +224,9 @@ def markdown(report: dict) -> str:
     lines += ["", "## Training throughput (data loading on)\n",
               "| model | backbone | input | batch | precision | loader workers | images/s | fit wall s |",
               "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {row['model']} | {row['backbone']} | {row['input_size']} | {row['batch_size']} | {row['precision']} | "
-              f"{row['num_workers']} | {row['images_per_s']:.1f} | {row['fit_wall_s']:.0f} |" for row in report["training"]]
+    lines += [f"| {row['model']} | {row['backbone']} | {row['input_size']} | {row['batch_size']} | "
+              f"{row['precision']} | {row['num_workers']} | {row['images_per_s']:.1f} | {row['fit_wall_s']:.0f} |"
+              for row in report["training"]]
     quality_rows = report["quality"].get("per_category", {})
     if quality_rows:
         metrics = list(next(iter(quality_rows.values())))
@@ -242,6 +245,8 @@ def main() -> None:
     parser.add_argument("--categories", nargs="+", required=True)
     parser.add_argument("--output", default="gpu_report")
     parser.add_argument("--device", default="cuda" if gpu else "cpu", choices=["cuda", "cpu"])
+    parser.add_argument("--sections", nargs="+", default=["inference", "training", "quality"],
+                        choices=["inference", "training", "quality"])
     parser.add_argument("--budget-s", type=float, default=450.0, help="skip the steps that would start after this")
     parser.add_argument("--backbone", default="tf_efficientnet_b4", help="OneNIP's backbone for inference")
     parser.add_argument("--onenip-input-size", type=int, default=256)
@@ -278,6 +283,9 @@ def main() -> None:
     report: dict[str, Any] = {"machine": machine, "arguments": vars(args), "wall_s_by_section": {}}
     for section, function in (("inference", inference), ("training", training), ("quality", quality)):
         section_start = time.perf_counter()
+        if section not in args.sections:
+            report[section] = {} if section == "quality" else []
+            continue
         report[section] = function(args, output, budget)
         report["wall_s_by_section"][section] = time.perf_counter() - section_start
         (output / "gpu.json").write_text(json.dumps(report, indent=2))  # what finished survives an interruption
