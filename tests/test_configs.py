@@ -43,11 +43,13 @@ def test_paper_configs_build_the_papers_model(path: Path) -> None:
     assert len(datamodule.categories) == expected
 
 
-@pytest.mark.parametrize("name", ["quickstart", "real_ad_lite0"])
-def test_cpu_configs_build_on_a_dataset(name: str, tiny_dataset: Path) -> None:
+@pytest.mark.parametrize(("name", "input_size", "epochs"), [("quickstart", 128, 15), ("real_ad_lite0", 160, 13)])
+def test_cpu_configs_build_on_a_dataset(name: str, input_size: int, epochs: int, tiny_dataset: Path) -> None:
+    """The CPU configs' backbone, size and epochs (real_ad_lite0: 160 px for 13 epochs, chosen leave one category out)."""
     config = yaml.safe_load((CONFIGS[0].parent / f"{name}.yaml").read_text())
     model = _build(config["model"])
-    assert model.hparams.backbone == "tf_efficientnet_lite0" and model.model.input_size == (128, 128)
+    assert model.hparams.backbone == "tf_efficientnet_lite0" and model.model.input_size == (input_size, input_size)
+    assert config["trainer"]["max_epochs"] == epochs
     assert model.hparams.refiner_pixel_weight == 1.0  # the focal refiner term that short runs need
     datamodule = _build(config["data"], root=tiny_dataset, categories="all")
     assert datamodule.categories == ["brick", "grass", "gravel"]
