@@ -16,9 +16,7 @@ deployment needs no category label.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -45,16 +43,10 @@ from anomalib_multiclass.options import parse_option
 from anomalib_onenip.anomaly_generator import OneNIPAnomalyGenerator
 from anomalib_onenip.components.prompt_pool import PromptPool, RefinerScaleCalibration, normalization
 from anomalib_onenip.loss import OneNIPLoss
+from anomalib_onenip.lr_schedule import LRSchedule, warmup_step_scheduler
 from anomalib_onenip.torch_model import OneNIPModel
 
 logger = logging.getLogger(__name__)
-
-
-class LRSchedule(str, Enum):
-    """Learning-rate schedules of :class:`OneNIP`."""
-
-    STEP = "step"  # the paper's: StepLR per epoch
-    WARMUP_STEP = "warmup_step"  # linear warm-up, then one step decay, as fractions of the run
 
 
 class OneNIP(MultiClassModule, AnomalibModule):
@@ -230,21 +222,18 @@ class OneNIP(MultiClassModule, AnomalibModule):
         """AdamW on the transformer and the refiner, with the schedule of ``lr_schedule``."""
         parameters = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        schedulers = torch.optim.lr_scheduler
-        gamma = self.hparams.lr_gamma
         if self.lr_schedule == LRSchedule.STEP:
-            scheduler = schedulers.StepLR(optimizer, step_size=self.hparams.lr_step_epochs, gamma=gamma)
+            scheduler = torch.optim.lr_scheduler.StepLR(
+                optimizer, step_size=self.hparams.lr_step_epochs, gamma=self.hparams.lr_gamma
+            )
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
-        # per optimizer step: warm up during the first lr_warmup_fraction of the steps, decay at lr_decay_fraction
-        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup_steps = math.ceil(self.hparams.lr_warmup_fraction * total_steps)
-        decay_step = max(math.ceil(self.hparams.lr_decay_fraction * total_steps), warmup_steps)
-        if warmup_steps == 0:
-            scheduler = schedulers.MultiStepLR(optimizer, milestones=[decay_step], gamma=gamma)
-        else:
-            warmup = schedulers.LinearLR(optimizer, start_factor=1 / (warmup_steps + 1), total_iters=warmup_steps)
-            decay = schedulers.MultiStepLR(optimizer, milestones=[decay_step - warmup_steps], gamma=gamma)
-            scheduler = schedulers.SequentialLR(optimizer, [warmup, decay], milestones=[warmup_steps])
+        scheduler = warmup_step_scheduler(
+            optimizer,
+            self.trainer.estimated_stepping_batches,
+            self.hparams.lr_warmup_fraction,
+            self.hparams.lr_decay_fraction,
+            self.hparams.lr_gamma,
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----------------------------------------------------------------------------------------- fit
