@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).parent / "benchmarks"
 
@@ -75,6 +76,18 @@ def test_new_category_reuses_the_quality_baselines(quality_run: Path, tiny_datas
     quality = json.loads((quality_run / "quality.json").read_text())
     assert report["baselines"]["PaDiM"]["per_category"]["grass"] == quality["models"]["PaDiM"]["per_category"]["grass"]
     assert "| grass | added, no training, 1 images |" in (tmp_path / "new_category.md").read_text()
+
+
+def test_each_compiled_speed_path_compiles_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """speed.py's compiled paths share one lambda (code object) across shapes and precisions: each configuration must
+    compile afresh, or past dynamo's recompile limit the "compiled" rows would silently time eager code."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import speed
+
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+        for size in (2, 3, 4):  # without the reset, the second shape already exceeds the limit of 1 and raises
+            run = speed.compiled(lambda values: values * 2, "default")
+            assert torch.equal(run(torch.ones(size)), torch.full((size,), 2.0))
 
 
 def test_speed_runs_every_onenip_path_with_several_categories(tmp_path: Path) -> None:

@@ -63,3 +63,54 @@ def test_compiled_diad_equals_eager_within_1e5_of_the_range() -> None:
         compiled = model.inference_forward(images, None)
     assert relative_difference(compiled.anomaly_map, eager.anomaly_map) <= 1e-5
     assert relative_difference(compiled.pred_score, eager.pred_score) <= 1e-5
+
+
+def fitted_onenip_model(categories: int = 3) -> torch.nn.Module:
+    """A tiny OneNIPModel with a prompt bank, score statistics and a patch memory for ``categories`` (the
+    shipped real-data config's scoring: standardised map plus patch evidence)."""
+    from anomalib_multiclass.patch_memory import patch_descriptors
+    from anomalib_onenip.torch_model import OneNIPModel
+    from tests.tiny_models import TINY_ONENIP_MODEL
+
+    torch.manual_seed(0)
+    model = OneNIPModel(**TINY_ONENIP_MODEL, patch_score_weight=0.75).eval()
+    with torch.no_grad():
+        prompts = torch.rand(categories, 3, *TINY_ONENIP_MODEL["input_size"])
+        features = model.extract_features(prompts)
+        model.prompt_bank.store(model.encode_prompts(features), model.global_features(features),
+                                torch.arange(categories))
+        model.score_statistics.store([torch.rand(4) for _ in range(categories)])
+        model.refiner_scale = 1 + torch.rand(categories)
+        patches = patch_descriptors(model.backbone_taps(prompts))
+        model.patch_memory.store(list(patches[:, :16]), [torch.rand(4) for _ in range(categories)])
+    return model
+
+
+@pytest.mark.parametrize(("with_category", "autocast"), [(True, None), (False, torch.bfloat16)],
+                         ids=["category-fp32", "nearest-prompt-bf16"])
+def test_onenip_inference_is_one_graph(with_category: bool, autocast: torch.dtype | None) -> None:
+    """No graph break (no host sync, no data-dependent Python branch) anywhere in the forward: ``reduce-overhead``
+    can then capture the whole prompt-bank forward, patch evidence included, as one CUDA graph."""
+    model = fitted_onenip_model()
+    images = torch.rand(2, 3, *model.input_size)
+    category_index = torch.tensor([0, 2]) if with_category else None
+    graph = torch.compile(model.forward, backend="eager", fullgraph=True, dynamic=False)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=autocast or torch.float32, enabled=autocast is not None):
+        traced = graph(images, category_index=category_index)
+        eager = model(images, category_index=category_index)
+    torch.testing.assert_close(traced.pred_score, eager.pred_score)
+
+
+def test_diad_inference_with_its_ddim_loop_is_one_graph() -> None:
+    """DiAD's encoder, every DDIM step, decoder and scoring trace into one graph (no host sync inside the loop)."""
+    from anomalib_diad.torch_model import DiADModel
+    from tests.tiny_models import TINY_DIAD_MODEL
+
+    torch.manual_seed(0)
+    model = DiADModel(**TINY_DIAD_MODEL, ddim_steps=2).eval()
+    images = torch.rand(1, 3, *TINY_DIAD_MODEL["input_size"])
+    graph = torch.compile(model.forward, backend="eager", fullgraph=True, dynamic=False)
+    with torch.inference_mode():
+        traced = graph(images)
+        eager = model(images)
+    torch.testing.assert_close(traced.anomaly_map, eager.anomaly_map)
