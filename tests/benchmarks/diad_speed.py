@@ -6,6 +6,14 @@ Prints ms/image of the full evaluation path (encode, noise, ``--ddim-steps`` SG+
 feature distance, blur, score) per batch size, and the time of one stage-2 training step, split into the forward
 passes of the frozen autoencoder's encoder, the SG network and the UNet (forward hooks), and the rest (noise, loss,
 backward, optimiser step).
+
+With ``--compile MODE`` also the compiled evaluation path (as ``compile_inference``): the first call's seconds
+(compilation), ms/image and the largest map difference to eager over the map's range. The DDIM steps share one
+compiled noise predictor (``SHARED_NOISE_PREDICTION``); ``--compile-each-step`` compiles every unrolled step on its own
+instead (the ablation: compilation time grows with the steps).
+
+    python tests/benchmarks/diad_speed.py --architecture tiny --input-size 128 --backbone resnet18 --batch-sizes 1 \
+        --compile default [--compile-each-step]
 """
 
 from __future__ import annotations
@@ -18,8 +26,10 @@ from collections import defaultdict
 from collections.abc import Callable
 
 import torch
+from speed import relative_difference
 from timing import median_seconds
 
+from anomalib_diad import torch_model as diad_torch_model
 from anomalib_diad.loss import DiffusionLoss
 from anomalib_diad.torch_model import DiADModel
 
@@ -52,8 +62,15 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--train-batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", choices=["default", "reduce-overhead", "max-autotune"],
+                        help="also time the evaluation path through torch.compile in this mode")
+    parser.add_argument("--compile-each-step", action="store_true",
+                        help="compile each DDIM step on its own (without the shared compiled noise predictor)")
+    parser.add_argument("--skip-training", action="store_true", help="time the evaluation path only")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
+    if args.compile_each_step:
+        diad_torch_model.SHARED_NOISE_PREDICTION = None
     layers = [int(layer) if layer.isdigit() else layer for layer in args.layers]
     model = DiADModel(
         architecture=args.architecture,
@@ -79,6 +96,11 @@ def main() -> None:
             seconds = median_seconds(lambda images=images: model(images), args.repeats)
         results["inference_ms_per_image"][batch_size] = round(1000 * seconds / batch_size, 1)
         print(f"inference batch {batch_size}: {1000 * seconds / batch_size:.1f} ms/image")
+    if args.compile:
+        results["compiled"] = compiled_inference(model, args)
+    if args.skip_training:
+        write(results, args.json)
+        return
     model.train()
     loss_function = DiffusionLoss()
     optimizer = torch.optim.AdamW([parameter for parameter in model.parameters() if parameter.requires_grad], lr=1e-5)
@@ -102,8 +124,32 @@ def main() -> None:
         1 - sum(forward_seconds.values()) / seconds, 3)
     for name, share in results["train_step_share"].items():
         print(f"  {name}: {100 * share:.0f} %")
-    if args.json:
-        with open(args.json, "w") as file:
+    write(results, args.json)
+
+
+def compiled_inference(model: DiADModel, args: argparse.Namespace) -> dict:
+    """Compilation seconds (the first call), ms/image per batch size and the map difference to eager."""
+    forward = torch.compile(model.forward, mode=args.compile, dynamic=False)
+    report = {"mode": args.compile, "each_step_compiled": args.compile_each_step, "ms_per_image": {}}
+    for batch_size in args.batch_sizes:
+        images = torch.randn(batch_size, 3, args.input_size, args.input_size)
+        with torch.inference_mode():
+            start = time.perf_counter()
+            maps = forward(images).anomaly_map
+            report.setdefault("compile_s", round(time.perf_counter() - start, 1))
+            report["map_difference"] = max(report.get("map_difference", 0.0),
+                                           relative_difference(maps, model(images).anomaly_map))
+            seconds = median_seconds(lambda images=images: forward(images), args.repeats)
+        report["ms_per_image"][batch_size] = round(1000 * seconds / batch_size, 1)
+        print(f"compiled ({args.compile}{', each step' if args.compile_each_step else ''}) batch {batch_size}: "
+              f"{1000 * seconds / batch_size:.1f} ms/image")
+    print(f"compilation (first call): {report['compile_s']} s; map difference to eager {report['map_difference']:.1e}")
+    return report
+
+
+def write(results: dict, path: str | None) -> None:
+    if path:
+        with open(path, "w") as file:
             json.dump(results, file, indent=2)
 
 
