@@ -5,6 +5,8 @@ The three slowest (export_speed, predict_memory, ddp_equality: 20-50 s each) are
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -178,15 +180,52 @@ def test_gpu_command_runs_every_section_on_the_cpu(tiny_dataset: Path, tmp_path:
                           "--device", "cpu", "--backbone", "tf_efficientnet_lite0", "--onenip-input-size", "64",
                           "--prompt-categories", "3", "--batch-sizes", "2", "--precisions", "fp32",
                           "--diad-architectures", "tiny", "--diad-input-size", "128", "--diad-backbone", "resnet18",
-                          "--diad-batch-sizes", "1", "--ddim-steps", "1", "--repeats", "1", "--input-size", "128",
+                          "--diad-batch-sizes", "1", "--diad-target-batch", "1", "--ddim-steps", "1",
+                          "--repeats", "1", "--input-size", "128",
                           "--train-diad-architecture", "tiny", "--train-backbones", "tf_efficientnet_lite0",
                           "--train-batch-sizes", "2", "--train-steps", "2", "--warmup-steps", "1", "--num-workers", "0",
                           "--quality-epochs", "1", "--quality-options", json.dumps({"patch_memory_size": 256})],
                tmp_path)
     report = json.loads((tmp_path / "gpu.json").read_text())
     assert {row["path"] for row in report["inference"]} >= {"onenip_bank", "onenip_official", "diad", "diad_official"}
+    assert {row["run"] for row in report["inference"] if row["path"] == "diad"} == {"diad_tiny"}
     assert [(row["model"], row["batch_size"]) for row in report["training"]] == [("OneNIP", 2), ("DiAD", 2)]
     assert all(row["images_per_s"] > 0 for row in report["training"]), "ThroughputMonitor measured nothing"
     assert set(report["quality"]["per_category"]) == {"brick", "grass"}
     assert report["skipped"] == [] and report["targets"]
     assert "## Training throughput" in (tmp_path / "gpu.md").read_text()
+
+
+def test_gpu_command_stops_a_script_at_the_budget_end(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import gpu
+
+    budget = gpu.Budget(1.0)
+    assert not budget.run_script("sleeping", [sys.executable, "-c", "import time; time.sleep(30)"], tmp_path / "log")
+    assert budget.skipped == ["sleeping (stopped at the budget's end)"]
+    assert not budget.allows("next step") and budget.skipped[-1] == "next step"
+
+
+def test_gpu_command_measures_the_targets_first_and_the_rest_of_the_grid_last(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import gpu
+
+    args = argparse.Namespace(backbone="b4", onenip_input_size=256, prompt_categories=15, batch_sizes=[1, 32],
+                              diad_architectures=["small", "sd15"], diad_input_size=256, diad_backbone="lite0",
+                              ddim_steps=[1, 2, 10], diad_batch_sizes=[1, 16, 32], diad_target_batch=16)
+
+    def grid(runs: dict[str, list[str]]) -> list[tuple[str, str, list[str]]]:
+        def value(arguments: list[str], flag: str) -> list[str]:
+            start = arguments.index(flag) + 1
+            return list(itertools.takewhile(lambda item: not item.startswith("--"), arguments[start:]))
+
+        return [(name, *value(arguments, "--ddim-steps"), value(arguments, "--diad-batch-sizes"))
+                for name, arguments in runs.items() if name.startswith("diad")]
+
+    first, last = gpu.speed_runs(args, grid=False), gpu.speed_runs(args, grid=True)
+    assert next(iter(first)) == "onenip" and "onenip" not in last
+    assert grid(first) == [("diad_small_10_steps", "10", ["16"])]
+    assert grid(last) == [("diad_sd15_10_steps", "10", ["16"])] + [
+        (f"diad_{architecture}_{steps}_steps{suffix}", steps, batches) for architecture in ("small", "sd15")
+        for steps, batches, suffix in (("1", ["1", "16", "32"], ""), ("2", ["1", "16", "32"], ""),
+                                       ("10", ["1", "32"], "_more" if architecture == "sd15" else ""))]

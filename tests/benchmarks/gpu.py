@@ -7,14 +7,21 @@ skipped in the report, never silently dropped):
 
 1. **inference** (``speed.py`` on ``--device``): OneNIP (``--backbone``, 256 px, 15 categories) as the backbone-alone
    floor, the official-style path, the prompt bank and the prompt bank compiled (``--compile``, ``reduce-overhead``:
-   CUDA graphs); then DiAD ``small`` and ``sd15`` (random weights; ``--ddim-steps``) official-style, ours and
-   compiled. Precisions fp32, fp16 and bf16 autocast (fp32 and bf16 on a CPU); batch sizes ``--batch-sizes``.
+   CUDA graphs); then the first of ``--diad-architectures`` (``small``; random weights) official-style, ours and
+   compiled, at the configuration issue 23's target names (the most ``--ddim-steps``, batch
+   ``--diad-target-batch``). Precisions fp32, fp16 and bf16 autocast (fp32 and bf16 on a CPU); compiled in
+   ``--compile-precisions`` only (each configuration compiles anew); batch sizes ``--batch-sizes``.
 2. **training**: images/s of anomalib's training loop (``Engine.fit`` on ``MultiClassAD`` over ``--root``, the
    loader with ``--num-workers`` workers, synthetic anomalies included) at ``--input-size`` for OneNIP with each of
    ``--train-backbones`` and for DiAD ``--train-diad-architecture`` (``small``) from scratch (stage 2), per
    ``--train-batch-sizes``: Lightning's ``ThroughputMonitor`` over ``--train-steps`` steps after ``--warmup-steps``.
 3. **quality**: ``quality.py``'s OneNIP (the model of ``configs/onenip/real_ad_lite0.yaml``) on ``--root`` for
    ``--quality-epochs`` epochs at ``--input-size``.
+4. **inference_grid**: the other DiAD architectures (``sd15``: the longest compilation) at the targets' configuration,
+   then every architecture's other ``--ddim-steps`` and ``--diad-batch-sizes``.
+
+A script run (speed.py, quality.py) still going when the budget ends is stopped there and listed as such; what
+every finished step measured is in the report.
 
 Writes ``gpu.json`` (every measurement, the machine, the arguments, each section's wall time) and ``gpu.md`` (the
 tables, and the ratios that issue 23's targets name) to ``--output``; each step's log is in ``--output/logs``.
@@ -42,56 +49,94 @@ SAMPLES_PER_S = "train/device/samples_per_sec"
 
 
 class Budget:
-    """Wall-clock budget of the whole command: each step runs only if time is left when it starts."""
+    """Wall-clock budget of the whole command: each step runs only if time is left when it starts, and a script run
+    is stopped when the budget ends."""
 
     def __init__(self, seconds: float) -> None:
         self.end = time.monotonic() + seconds
         self.skipped: list[str] = []
 
+    def remaining(self) -> float:
+        return max(0.0, self.end - time.monotonic())
+
     def allows(self, step: str) -> bool:
-        if time.monotonic() < self.end:
+        if self.remaining() > 0:
             print(f"[gpu.py] {step}", flush=True)
             return True
         self.skipped.append(step)
         print(f"[gpu.py] skipped, over budget: {step}", flush=True)
         return False
 
+    def run_script(self, step: str, command: list[str], log: Path) -> bool:
+        """Run ``command`` with its output in ``log`` until the budget ends; False (the log's tail printed, a stop at
+        the budget listed as skipped) when it fails or is stopped."""
+        with log.open("w") as file:
+            try:
+                result = subprocess.run(command, stdout=file, stderr=subprocess.STDOUT, check=False,
+                                        timeout=self.remaining())
+            except subprocess.TimeoutExpired:
+                self.skipped.append(f"{step} (stopped at the budget's end)")
+                print(f"[gpu.py] stopped at the budget's end: {step}", flush=True)
+                return False
+        if result.returncode != 0:
+            print(f"[gpu.py] failed ({result.returncode}): {' '.join(command)}\n{log.read_text()[-2000:]}", flush=True)
+        return result.returncode == 0
 
-def run_logged(command: list[str], log: Path) -> bool:
-    """Run ``command`` with its output in ``log``; False (and the log's tail printed) when it fails."""
-    with log.open("w") as file:
-        result = subprocess.run(command, stdout=file, stderr=subprocess.STDOUT, check=False)
-    if result.returncode != 0:
-        print(f"[gpu.py] failed ({result.returncode}): {' '.join(command)}\n{log.read_text()[-2000:]}", flush=True)
-    return result.returncode == 0
+
+def speed_runs(args: argparse.Namespace, grid: bool) -> dict[str, list[str]]:
+    """speed.py's arguments per run, cheapest first of what the targets need: OneNIP and the first DiAD architecture
+    at the targets' configuration (the most ``--ddim-steps``, batch ``--diad-target-batch``); or (``grid``) the other
+    architectures at that configuration, then every architecture's other steps and batches."""
+    target_steps = max(args.ddim_steps)
+
+    def diad_run(architecture: str, steps: int, batches: list[int]) -> dict[str, list[str]]:
+        return {f"diad_{architecture}_{steps}_steps": [
+            "--skip-onenip", "--diad-architecture", architecture, "--diad-input-size", str(args.diad_input_size),
+            "--diad-backbone", args.diad_backbone, "--diad-batch-sizes", *map(str, batches), "--ddim-steps", str(steps)]}
+
+    first, *others = args.diad_architectures
+    if not grid:
+        return {"onenip": ["--skip-diad", "--backbone", args.backbone, "--input-size", str(args.onenip_input_size),
+                           "--categories", str(args.prompt_categories), "--batch-sizes", *map(str, args.batch_sizes),
+                           "--growth-categories", "1", str(args.prompt_categories), "100",
+                           "--growth-sizes", str(args.onenip_input_size)],
+                **diad_run(first, target_steps, [args.diad_target_batch])}
+    runs = {}
+    for architecture in others:
+        runs |= diad_run(architecture, target_steps, [args.diad_target_batch])
+    for architecture in args.diad_architectures:
+        for steps in sorted(args.ddim_steps):
+            batches = [batch for batch in args.diad_batch_sizes
+                       if (steps, batch) != (target_steps, args.diad_target_batch)]
+            if batches:
+                name, arguments = next(iter(diad_run(architecture, steps, batches).items()))
+                runs[name + ("_more" if name in runs else "")] = arguments
+    return runs
 
 
-def inference(args: argparse.Namespace, output: Path, budget: Budget) -> list[dict]:
-    """speed.py for OneNIP, then for each DiAD architecture; the rows of every run that finished."""
+def inference(args: argparse.Namespace, output: Path, budget: Budget, grid: bool = False) -> list[dict]:
+    """speed.py for each of :func:`speed_runs`; the rows of every run that finished."""
     common = ["--devices", args.device, "--repeats", str(args.repeats), "--precisions", *args.precisions]
     if args.compile != "none":
-        common += ["--compile", args.compile]
-    runs = {"onenip": ["--skip-diad", "--backbone", args.backbone, "--input-size", str(args.onenip_input_size),
-                       "--categories", str(args.prompt_categories), "--batch-sizes", *map(str, args.batch_sizes),
-                       "--growth-categories", "1", str(args.prompt_categories), "100",
-                       "--growth-sizes", str(args.onenip_input_size)]}
-    for architecture in args.diad_architectures:
-        runs[f"diad_{architecture}"] = [
-            "--skip-onenip", "--diad-architecture", architecture, "--diad-input-size", str(args.diad_input_size),
-            "--diad-backbone", args.diad_backbone, "--diad-batch-sizes", *map(str, args.diad_batch_sizes),
-            "--ddim-steps", *map(str, args.ddim_steps)]
+        common += ["--compile", args.compile, "--compile-precisions", *args.compile_precisions]
     rows = []
-    for name, arguments in runs.items():
-        if not budget.allows(f"inference: {name}"):
+    for name, arguments in speed_runs(args, grid).items():
+        step = f"inference: {name}"
+        if not budget.allows(step):
             continue
         report = output / "logs" / f"speed_{name}.json"
-        if run_logged([sys.executable, str(BENCHMARKS / "speed.py"), *common, *arguments, "--json", str(report)],
-                      output / "logs" / f"speed_{name}.log"):
+        command = [sys.executable, str(BENCHMARKS / "speed.py"), *common, *arguments, "--json", str(report)]
+        if budget.run_script(step, command, output / "logs" / f"speed_{name}.log"):
             measured = json.loads(report.read_text())
-            rows += [{**row, "run": name} for row in measured["rows"]]
-            rows += [{**row, "run": name, "path": "onenip_bank_growth", "precision": "fp32"}
+            run = name if name == "onenip" else "_".join(name.split("_")[:2])  # diad_small_10_steps: diad_small
+            rows += [{**row, "run": run} for row in measured["rows"]]
+            rows += [{**row, "run": run, "path": "onenip_bank_growth", "precision": "fp32"}
                      for row in measured["growth"]]
     return rows
+
+
+def inference_grid(args: argparse.Namespace, output: Path, budget: Budget) -> list[dict]:
+    return inference(args, output, budget, grid=True)
 
 
 def training_model(args: argparse.Namespace, name: str, backbone: str) -> Any:  # noqa: ANN401
@@ -161,7 +206,7 @@ def quality(args: argparse.Namespace, output: Path, budget: Budget) -> dict:
         command += ["--onenip-options", args.quality_options]
     if args.weights_path:
         command += ["--weights-path", args.weights_path]
-    if not run_logged(command, output / "logs" / "quality.log"):
+    if not budget.run_script("quality", command, output / "logs" / "quality.log"):
         return {}
     return json.loads((target / "quality.json").read_text())["models"]["OneNIP"]
 
@@ -238,6 +283,9 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+SECTIONS = {"inference": inference, "training": training, "quality": quality, "inference_grid": inference_grid}
+
+
 def main() -> None:
     gpu = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -245,8 +293,7 @@ def main() -> None:
     parser.add_argument("--categories", nargs="+", required=True)
     parser.add_argument("--output", default="gpu_report")
     parser.add_argument("--device", default="cuda" if gpu else "cpu", choices=["cuda", "cpu"])
-    parser.add_argument("--sections", nargs="+", default=["inference", "training", "quality"],
-                        choices=["inference", "training", "quality"])
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
     parser.add_argument("--budget-s", type=float, default=450.0, help="skip the steps that would start after this")
     parser.add_argument("--backbone", default="tf_efficientnet_b4", help="OneNIP's backbone for inference")
     parser.add_argument("--onenip-input-size", type=int, default=256)
@@ -255,11 +302,14 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["fp32", "fp16", "bf16"] if gpu else ["fp32", "bf16"])
     parser.add_argument("--compile", default="reduce-overhead" if gpu else "none",
                         choices=["none", "default", "reduce-overhead", "max-autotune"])
+    parser.add_argument("--compile-precisions", nargs="+", default=["fp32", "bf16"],
+                        help="precisions of the compiled paths (fp32: the equality check; each one compiles anew)")
     parser.add_argument("--diad-architectures", nargs="+", default=["small", "sd15"])
     parser.add_argument("--diad-input-size", type=int, default=256)
     parser.add_argument("--diad-backbone", default="tf_efficientnet_lite0")
     parser.add_argument("--diad-batch-sizes", type=int, nargs="+", default=[1, 16, 32])
     parser.add_argument("--ddim-steps", type=int, nargs="+", default=[1, 2, 10])
+    parser.add_argument("--diad-target-batch", type=int, default=16, help="DiAD's batch in the inference section")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--input-size", type=int, default=256, help="training and quality input size")
     parser.add_argument("--train-backbones", nargs="+", default=["tf_efficientnet_lite0", "tf_efficientnet_b4"])
@@ -281,7 +331,7 @@ def main() -> None:
     start = time.perf_counter()
     budget = Budget(args.budget_s)
     report: dict[str, Any] = {"machine": machine, "arguments": vars(args), "wall_s_by_section": {}}
-    for section, function in (("inference", inference), ("training", training), ("quality", quality)):
+    for section, function in SECTIONS.items():
         section_start = time.perf_counter()
         if section not in args.sections:
             report[section] = {} if section == "quality" else []
@@ -289,6 +339,7 @@ def main() -> None:
         report[section] = function(args, output, budget)
         report["wall_s_by_section"][section] = time.perf_counter() - section_start
         (output / "gpu.json").write_text(json.dumps(report, indent=2))  # what finished survives an interruption
+    report["inference"] += report.pop("inference_grid")
     report.update(targets=targets(report["inference"]), skipped=budget.skipped, wall_s=time.perf_counter() - start)
     (output / "gpu.json").write_text(json.dumps(report, indent=2))
     (output / "gpu.md").write_text(markdown(report))

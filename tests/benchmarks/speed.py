@@ -26,13 +26,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import psutil
 import torch
 from timing import median_seconds
 from torch.nn import functional as F  # noqa: N812
@@ -97,6 +97,8 @@ class PeakMemory:
             yield
             self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
             return
+        import psutil  # the CPU's resident memory only (a GPU machine may lack it)
+
         process, done, peak = psutil.Process(), threading.Event(), [0]
 
         def sample() -> None:
@@ -188,10 +190,12 @@ def run_onenip(args: argparse.Namespace, device: str, precisions: list[str]) -> 
             "onenip_bank": lambda images=images, index=category_index: model.predict(images, index).anomaly_map,
         }
         for precision in precisions:
-            if args.compile:
+            if args.compile and precision in (args.compile_precisions or precisions):
                 predict_map = compiled(lambda images, index: model.predict(images, index).anomaly_map, args.compile)
                 paths["onenip_bank_compiled"] = lambda images=images, index=category_index, run=predict_map: run(
                     images, index)
+            else:
+                paths.pop("onenip_bank_compiled", None)
             rows += [
                 measure(path, function, device, precision, batch_size,
                         None if path == "onenip_backbone" else reference, args.repeats)
@@ -224,7 +228,7 @@ def _diad_rows(args: argparse.Namespace, device: str, precisions: list[str], ste
             reference = official(images).anomaly_map
         runs = [("diad_official", official, "fp32")] + [("diad", ours, precision) for precision in precisions]
         if args.compile:
-            runs += [("diad_compiled", None, precision) for precision in precisions]
+            runs += [("diad_compiled", None, precision) for precision in args.compile_precisions or precisions]
         for path, model, precision in runs:
             if model is None:  # compiled for this precision and shape only, when its turn comes
                 model = compiled(lambda images: ours(images).anomaly_map, args.compile)
@@ -338,6 +342,8 @@ def main() -> None:
                         help="default: fp32 bf16 on the CPU, fp32 fp16 bf16 on CUDA")
     parser.add_argument("--compile", choices=["default", "reduce-overhead", "max-autotune"],
                         help="also time the compiled prompt-bank and DiAD paths in this torch.compile mode")
+    parser.add_argument("--compile-precisions", nargs="+", choices=["fp32", "bf16", "fp16"],
+                        help="the precisions of the compiled paths (each compiles anew; default: --precisions)")
     parser.add_argument("--skip-diad", action="store_true")
     parser.add_argument("--skip-onenip", action="store_true", help="DiAD only (no OneNIP paths, no growth)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -345,7 +351,7 @@ def main() -> None:
     parser.add_argument("--plot", help="save the throughput and growth plot to this file (PNG)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    machine = (f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} CPUs, "
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
                f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
     if torch.cuda.is_available():
         machine += f", {torch.cuda.get_device_name()}"
