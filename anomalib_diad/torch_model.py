@@ -51,8 +51,6 @@ MIN_INPUT_SIZE = 128
 INPUT_MULTIPLE = 64  # the autoencoder's x8 times the UNet's three x2 downsamplings
 
 
-
-
 def noise_prediction(model: DiADModel, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
                      images: torch.Tensor) -> torch.Tensor:
     """``model.predict_noise``: the DDIM loop's step, as a function that :data:`SHARED_NOISE_PREDICTION` can mark."""
