@@ -57,9 +57,10 @@ def noise_prediction(model: DiADModel, noisy_latents: torch.Tensor, timesteps: t
     return model.predict_noise(noisy_latents, timesteps, images)
 
 
-# The DDIM step as a region that torch.compile compiles once and reuses at every unrolled step (torch >= 2.8's
-# nested_compile_region; None before), instead of compiling the UNet again for each step: 10 steps of the tiny UNet
-# compile in 98 s instead of 574 s on 2 CPU cores, run as fast, same maps (tests/benchmarks/diad_speed.py --compile).
+# The DDIM step as a region that torch.compile compiles once and reuses at every unrolled step
+# (torch.compiler.nested_compile_region; None in a torch without it), instead of compiling the UNet again for each
+# step: 10 steps of the tiny UNet compile in 98 s instead of 574 s on 2 CPU cores, run as fast, same maps
+# (tests/benchmarks/diad_speed.py --compile).
 # Marked once here: marking while compiling would break the graph.
 SHARED_NOISE_PREDICTION = (
     torch.compiler.nested_compile_region(noise_prediction) if hasattr(torch.compiler, "nested_compile_region") else None
