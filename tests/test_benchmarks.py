@@ -1,6 +1,7 @@
 """Benchmark scripts run end to end with tiny arguments and write their reports: a script that rots fails here.
 
-The three slowest (export_speed, predict_memory, ddp_equality: 20-50 s each) are ``long`` tests (``pytest -m long``).
+The slowest (export_speed, predict_memory, ddp_equality: 20-50 s each; diad_speed's compiled path: 80 s) are ``long``
+tests (``pytest -m long``).
 """
 
 from __future__ import annotations
@@ -139,6 +140,18 @@ def test_diad_speed_times_inference_and_a_training_step(tmp_path: Path) -> None:
                                  "--batch-sizes", "1", "--train-batch-size", "1", "--repeats", "1",
                                  "--json", str(tmp_path / "diad.json")], tmp_path)
     assert json.loads((tmp_path / "diad.json").read_text())
+
+
+@pytest.mark.long
+def test_diad_speed_compiles_the_ddim_loop_with_one_shared_step(tmp_path: Path) -> None:
+    """``--compile``: the compiled evaluation path (2 DDIM steps sharing one compiled step) against eager."""
+    run_script("diad_speed.py", ["--architecture", "tiny", "--input-size", "128", "--backbone", "resnet18",
+                                 "--ddim-steps", "2", "--batch-sizes", "1", "--repeats", "1", "--compile", "default",
+                                 "--skip-training", "--json", str(tmp_path / "diad.json")], tmp_path)
+    report = json.loads((tmp_path / "diad.json").read_text())
+    assert "train_step_s" not in report
+    assert report["compiled"]["compile_s"] > 0 and report["compiled"]["ms_per_image"]["1"] > 0
+    assert report["compiled"]["map_difference"] <= 1e-5
 
 
 def test_diad_ablation_tests_each_variant(tiny_dataset: Path, tmp_path: Path) -> None:
