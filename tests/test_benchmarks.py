@@ -7,7 +7,6 @@ tests (``pytest -m long``).
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import subprocess
@@ -227,18 +226,16 @@ def test_gpu_command_measures_the_targets_first_and_the_rest_of_the_grid_last(mo
                               diad_architectures=["small", "sd15"], diad_input_size=256, diad_backbone="lite0",
                               ddim_steps=[1, 2, 10], diad_batch_sizes=[1, 16, 32], diad_target_batch=16)
 
-    def grid(runs: dict[str, list[str]]) -> list[tuple[str, str, list[str]]]:
-        def value(arguments: list[str], flag: str) -> list[str]:
-            start = arguments.index(flag) + 1
-            return list(itertools.takewhile(lambda item: not item.startswith("--"), arguments[start:]))
-
-        return [(name, *value(arguments, "--ddim-steps"), value(arguments, "--diad-batch-sizes"))
-                for name, arguments in runs.items() if name.startswith("diad")]
+    def grid(runs: list[tuple[str, str, list[str]]]) -> list[tuple[str, str, str, str]]:
+        """(log name, run label, --ddim-steps, --diad-batch-sizes) of the DiAD runs."""
+        return [(name, run, arguments[arguments.index("--ddim-steps") + 1],
+                 " ".join(arguments[arguments.index("--diad-batch-sizes") + 1:arguments.index("--ddim-steps")]))
+                for name, run, arguments in runs if run != "onenip"]
 
     first, last = gpu.speed_runs(args, grid=False), gpu.speed_runs(args, grid=True)
-    assert next(iter(first)) == "onenip" and "onenip" not in last
-    assert grid(first) == [("diad_small_10_steps", "10", ["16"])]
-    assert grid(last) == [("diad_sd15_10_steps", "10", ["16"])] + [
-        (f"diad_{architecture}_{steps}_steps{suffix}", steps, batches) for architecture in ("small", "sd15")
-        for steps, batches, suffix in (("1", ["1", "16", "32"], ""), ("2", ["1", "16", "32"], ""),
-                                       ("10", ["1", "32"], "_more" if architecture == "sd15" else ""))]
+    assert first[0][:2] == ("onenip", "onenip") and "onenip" not in [run for _, run, _ in last]
+    assert grid(first) == [("diad_small_10_steps_batch_16", "diad_small", "10", "16")]
+    assert grid(last) == [("diad_sd15_10_steps_batch_16", "diad_sd15", "10", "16")] + [
+        (f"diad_{architecture}_{steps}_steps_batch_{batches.replace(' ', '_')}", f"diad_{architecture}", steps, batches)
+        for architecture in ("small", "sd15")
+        for steps, batches in (("1", "1 16 32"), ("2", "1 16 32"), ("10", "1 32"))]

@@ -83,35 +83,29 @@ class Budget:
         return result.returncode == 0
 
 
-def speed_runs(args: argparse.Namespace, grid: bool) -> dict[str, list[str]]:
-    """speed.py's arguments per run, cheapest first of what the targets need: OneNIP and the first DiAD architecture
-    at the targets' configuration (the most ``--ddim-steps``, batch ``--diad-target-batch``); or (``grid``) the other
-    architectures at that configuration, then every architecture's other steps and batches."""
-    target_steps = max(args.ddim_steps)
+def speed_runs(args: argparse.Namespace, grid: bool) -> list[tuple[str, str, list[str]]]:
+    """speed.py runs as (log name, run label, arguments), cheapest first of what the targets need: OneNIP and the first
+    DiAD architecture at the targets' configuration (the most ``--ddim-steps``, batch ``--diad-target-batch``); or
+    (``grid``) the other architectures at that configuration, then every architecture's other steps and batches."""
+    target_steps, target_batch = max(args.ddim_steps), args.diad_target_batch
 
-    def diad_run(architecture: str, steps: int, batches: list[int]) -> dict[str, list[str]]:
-        return {f"diad_{architecture}_{steps}_steps": [
-            "--skip-onenip", "--diad-architecture", architecture, "--diad-input-size", str(args.diad_input_size),
-            "--diad-backbone", args.diad_backbone, "--diad-batch-sizes", *map(str, batches), "--ddim-steps", str(steps)]}
+    def diad_run(architecture: str, steps: int, batches: list[int]) -> tuple[str, str, list[str]]:
+        return (f"diad_{architecture}_{steps}_steps_batch_{'_'.join(map(str, batches))}", f"diad_{architecture}",
+                ["--skip-onenip", "--diad-architecture", architecture, "--diad-input-size", str(args.diad_input_size),
+                 "--diad-backbone", args.diad_backbone, "--diad-batch-sizes", *map(str, batches),
+                 "--ddim-steps", str(steps)])
 
     first, *others = args.diad_architectures
     if not grid:
-        return {"onenip": ["--skip-diad", "--backbone", args.backbone, "--input-size", str(args.onenip_input_size),
-                           "--categories", str(args.prompt_categories), "--batch-sizes", *map(str, args.batch_sizes),
-                           "--growth-categories", "1", str(args.prompt_categories), "100",
-                           "--growth-sizes", str(args.onenip_input_size)],
-                **diad_run(first, target_steps, [args.diad_target_batch])}
-    runs = {}
-    for architecture in others:
-        runs |= diad_run(architecture, target_steps, [args.diad_target_batch])
-    for architecture in args.diad_architectures:
-        for steps in sorted(args.ddim_steps):
-            batches = [batch for batch in args.diad_batch_sizes
-                       if (steps, batch) != (target_steps, args.diad_target_batch)]
-            if batches:
-                name, arguments = next(iter(diad_run(architecture, steps, batches).items()))
-                runs[name + ("_more" if name in runs else "")] = arguments
-    return runs
+        onenip = ["--skip-diad", "--backbone", args.backbone, "--input-size", str(args.onenip_input_size),
+                  "--categories", str(args.prompt_categories), "--batch-sizes", *map(str, args.batch_sizes),
+                  "--growth-categories", "1", str(args.prompt_categories), "100",
+                  "--growth-sizes", str(args.onenip_input_size)]
+        return [("onenip", "onenip", onenip), diad_run(first, target_steps, [target_batch])]
+    rest = [diad_run(architecture, steps, batches) for architecture in args.diad_architectures
+            for steps in sorted(args.ddim_steps)
+            if (batches := [batch for batch in args.diad_batch_sizes if (steps, batch) != (target_steps, target_batch)])]
+    return [diad_run(architecture, target_steps, [target_batch]) for architecture in others] + rest
 
 
 def inference(args: argparse.Namespace, output: Path, budget: Budget, grid: bool = False) -> list[dict]:
@@ -120,7 +114,7 @@ def inference(args: argparse.Namespace, output: Path, budget: Budget, grid: bool
     if args.compile != "none":
         common += ["--compile", args.compile, "--compile-precisions", *args.compile_precisions]
     rows = []
-    for name, arguments in speed_runs(args, grid).items():
+    for name, run, arguments in speed_runs(args, grid):
         step = f"inference: {name}"
         if not budget.allows(step):
             continue
@@ -128,7 +122,6 @@ def inference(args: argparse.Namespace, output: Path, budget: Budget, grid: bool
         command = [sys.executable, str(BENCHMARKS / "speed.py"), *common, *arguments, "--json", str(report)]
         if budget.run_script(step, command, output / "logs" / f"speed_{name}.log"):
             measured = json.loads(report.read_text())
-            run = name if name == "onenip" else "_".join(name.split("_")[:2])  # diad_small_10_steps: diad_small
             rows += [{**row, "run": run} for row in measured["rows"]]
             rows += [{**row, "run": run, "path": "onenip_bank_growth", "precision": "fp32"}
                      for row in measured["growth"]]

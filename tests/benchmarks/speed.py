@@ -190,16 +190,15 @@ def run_onenip(args: argparse.Namespace, device: str, precisions: list[str]) -> 
             "onenip_bank": lambda images=images, index=category_index: model.predict(images, index).anomaly_map,
         }
         for precision in precisions:
+            compiled_path = {}
             if args.compile and precision in (args.compile_precisions or precisions):
                 predict_map = compiled(lambda images, index: model.predict(images, index).anomaly_map, args.compile)
-                paths["onenip_bank_compiled"] = lambda images=images, index=category_index, run=predict_map: run(
+                compiled_path["onenip_bank_compiled"] = lambda images=images, index=category_index, run=predict_map: run(
                     images, index)
-            else:
-                paths.pop("onenip_bank_compiled", None)
             rows += [
                 measure(path, function, device, precision, batch_size,
                         None if path == "onenip_backbone" else reference, args.repeats)
-                for path, function in paths.items()
+                for path, function in {**paths, **compiled_path}.items()
             ]
     return rows
 
